@@ -1,0 +1,159 @@
+"""Command line: parse arguments, build configs, call the library. `dspark --help` lists commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from dspark.errors import DSparkError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """Prompts from a file: JSONL (DeepSpec `turns` -> first turn, or `prompt`), else one per line."""
+    file = Path(path)
+    if not file.is_file():
+        raise DSparkError(f"prompts file {path!r} does not exist")
+    lines = [line for line in file.read_text().splitlines() if line.strip()]
+    if file.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DSparkError(f"{path}:{number} is not valid JSON ({err.msg})") from None
+        if isinstance(row, dict) and row.get("turns"):
+            prompts.append(row["turns"][0])
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            prompts.append(row["prompt"])
+        else:
+            raise DSparkError(f"{path}:{number} has neither 'turns' (a list) nor 'prompt' (a string)")
+    return prompts
+
+
+def add_generate_parser(sub) -> None:
+    from dspark.drafters.registry import DRAFTERS
+    from dspark.models.loading import BUILTIN_MODELS
+
+    p = sub.add_parser("generate", help="generate text with speculative decoding")
+    p.add_argument("--target", default="smollm2-135m",
+                   help=f"builtin name ({', '.join(BUILTIN_MODELS)}), a .gguf file, or a HF model folder")
+    p.add_argument("--drafter", default="ngram", help=f"one of: {', '.join(DRAFTERS)}")
+    p.add_argument("--draft-model", help="model spec for --drafter draft-model (same forms as --target)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts-file", help="text file (one prompt per line) or JSONL with 'turns' or 'prompt'")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--system", help="system prompt (with --chat)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed + i")
+    p.add_argument("--block-size", type=_non_negative_int, default=8, help="draft tokens verified per round (K)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="requests decoded together")
+    p.add_argument("--max-seq-len", type=_positive_int, default=None,
+                   help="context length (default: longest prompt + max new tokens, within the model's limit)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> int:
+    from dspark.config import EngineConfig, SamplingParams, StopParams
+    from dspark.drafters.registry import build_drafter
+    from dspark.engine.engine import Engine, Request
+    from dspark.models.target import load_model
+    from dspark.text import StopStrings, decode_output, encode_prompt
+
+    prompts = [args.prompt] if args.prompt is not None else read_prompts_file(args.prompts_file)
+    if not prompts:
+        raise DSparkError(f"prompts file {args.prompts_file!r} has no prompts")
+    sampling = [SamplingParams(args.temperature, args.top_k, args.top_p, args.seed + i) for i in range(len(prompts))]
+    stop = StopParams(max_new_tokens=args.max_new_tokens)
+    target = load_model(args.target, args.dtype)
+    drafter = build_drafter(args.drafter, target, args.draft_model, args.dtype)
+    tok = target.tokenizer
+    encoded = [encode_prompt(tok, p, args.chat, args.system) for p in prompts]
+    limit = target.max_position_embeddings
+    max_seq_len = args.max_seq_len or min(limit, max(map(len, encoded)) + args.max_new_tokens)
+    for i, ids in enumerate(encoded):
+        if len(ids) + 1 > max_seq_len:
+            raise DSparkError(
+                f"prompt {i} has {len(ids)} tokens, longer than the context length {max_seq_len} allows "
+                f"(model limit {limit}); shorten it or raise --max-seq-len"
+            )
+    config = EngineConfig(block_size=args.block_size, max_batch_size=min(args.batch_size, len(prompts)),
+                          max_seq_len=max_seq_len, dtype=args.dtype)
+    engine = Engine(target, drafter, config)
+    checker = StopStrings(tok, args.stop) if args.stop else None
+    requests = [Request(ids, sampling[i], stop, request_id=i, stop_checker=checker) for i, ids in enumerate(encoded)]
+    start = time.perf_counter()
+    outputs = engine.generate(requests)
+    wall = time.perf_counter() - start
+    for out in outputs:
+        text = decode_output(tok, out.token_ids, target.eos_token_ids, args.stop)
+        if args.json:
+            record = {
+                "index": out.request_id, "text": text, "token_ids": out.token_ids,
+                "num_generated": out.stats.num_generated, "finish_reason": out.finish_reason,
+                "rounds": out.stats.rounds, "accept_length": round(out.stats.accept_length, 4),
+                "accepted_per_position": out.stats.accepted_per_position,
+                "verified_per_position": out.stats.verified_per_position,
+                "tokens_per_second": round(out.stats.tokens_per_second, 3),
+            }
+            print(json.dumps(record), flush=True)
+        else:
+            print(text, flush=True)
+    if not args.json:
+        total = sum(o.stats.num_generated for o in outputs)
+        rounds = sum(o.stats.rounds for o in outputs)
+        committed = sum(o.stats.committed_in_rounds for o in outputs)
+        print(f"\n[{args.drafter}] {total} tokens in {wall:.2f}s ({total / wall:.1f} tok/s), "
+              f"accept length {committed / max(rounds, 1):.2f} over {rounds} rounds", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dspark", description="Lossless speculative decoding with DSpark drafters")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DSparkError as err:
+        print(f"dspark: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

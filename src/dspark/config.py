@@ -1,0 +1,77 @@
+"""Typed, frozen configuration objects shared by the engine, drafters and CLI.
+
+Every default is declared once, here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dspark.errors import DSparkError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples. temperature == 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0.0):
+            raise DSparkError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise DSparkError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise DSparkError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class StopParams:
+    """When one request stops. The engine knows token ids only; stop strings are checked at the edge."""
+
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise DSparkError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine capacity and drafting width."""
+
+    block_size: int = 8  # K: the most draft tokens verified per request per round
+    max_batch_size: int = 8  # request slots
+    max_seq_len: int = 2048  # context length per request (prompt + generated)
+    dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if self.block_size < 0:
+            raise DSparkError(f"block_size must be >= 0, got {self.block_size}")
+        if self.max_batch_size <= 0:
+            raise DSparkError(f"max_batch_size must be a positive integer, got {self.max_batch_size}")
+        if self.max_seq_len <= 0:
+            raise DSparkError(f"max_seq_len must be a positive integer, got {self.max_seq_len}")
+        if self.dtype not in DTYPES:
+            raise DSparkError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+
+
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp64": "float64", "fp16": "float16"}
+
+
+def torch_dtype(name: str):
+    """'bf16' | 'fp32' | 'fp64' | 'fp16' -> torch dtype, with a clear error otherwise."""
+    import torch
+
+    if name not in DTYPES:
+        raise DSparkError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
+    return getattr(torch, DTYPES[name])

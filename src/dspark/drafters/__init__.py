@@ -1,0 +1,1 @@
+"""Drafters: the Drafter protocol and its implementations (none, ngram, draft-model)."""

@@ -1,0 +1,1 @@
+"""The speculative decoding engine: ragged verification and the batched decode loop."""

@@ -1,0 +1,1 @@
+"""Native decoder models for the Llama family, their KV cache and weight loading."""

@@ -1,0 +1,296 @@
+"""Native decoder for the Llama family: Llama/SmolLM, Qwen2, Qwen3 (q/k norm), Mistral.
+
+One forward serves prefill, plain decoding and ragged verification: every row brings N new tokens
+(right-padded; `num_new[b]` of them are real) at its own positions, writes their K/V into its cache
+slot at those positions, and attends to its slot's positions <= its own. The same forward returns
+the hidden states of chosen layers, which drafters use as context features.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dspark.errors import DSparkError
+from dspark.models.kv_cache import KVCache
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Everything the native decoder needs, read from a Hugging Face config."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
+
+
+def model_args_from_hf_config(config) -> ModelArgs:
+    """Map a transformers config (Llama/Mistral/Qwen2/Qwen3) to ModelArgs, refusing what we do not run."""
+    arch = config.model_type
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise DSparkError(
+            f"architecture {arch!r} has no native decoder; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise DSparkError(f"RoPE type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise DSparkError(f"activation {act!r} is not supported; supported: silu")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention_bias = bool(getattr(config, "attention_bias", False))
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    if arch == "mistral":  # Mistral's config has no layer_types: the window applies to every layer
+        layer_types = ["sliding_attention" if window else "full_attention"] * config.num_hidden_layers
+    windows = tuple(window if kind == "sliding_attention" and window else None for kind in layer_types)
+    return ModelArgs(
+        architecture=arch,
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        head_dim=head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        qkv_bias=True if arch == "qwen2" else attention_bias,
+        o_bias=False if arch in ("qwen2", "mistral") else attention_bias,
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        qk_norm=arch == "qwen3",
+        sliding_windows=windows,
+    )
+
+
+def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [D/2] and the cos/sin scale of the config's RoPE (transformers' own formulas)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "default":
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        base = rope["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)), 1.0
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return inv_freq.double(), float(scale)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, as the reference implementations do.
+        dtype = x.dtype
+        x32 = x.float() if dtype in (torch.bfloat16, torch.float16) else x
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, D]; cos/sin [B, 1, N, D] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, ctx: "ForwardContext", cache: KVCache) -> torch.Tensor:
+        bsz, n, _ = x.shape
+        q = self.q_proj(x).view(bsz, n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(bsz, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(bsz, n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), ctx.cos, ctx.sin)
+        k = apply_rope(k.transpose(1, 2), ctx.cos, ctx.sin)
+        v = v.transpose(1, 2)
+        keys, values = cache.keys[self.layer_id], cache.values[self.layer_id]
+        # Write by position: [slot_b, :, pos_bi, :] <- k[b, :, i, :]
+        keys[ctx.slot_index, :, ctx.positions] = k.transpose(1, 2)
+        values[ctx.slot_index, :, ctx.positions] = v.transpose(1, 2)
+        if ctx.slot_range is not None:  # contiguous slots: a view, no copy
+            k_all = keys[ctx.slot_range[0] : ctx.slot_range[1], :, : ctx.num_keys]
+            v_all = values[ctx.slot_range[0] : ctx.slot_range[1], :, : ctx.num_keys]
+        else:
+            k_all = keys[ctx.slots, :, : ctx.num_keys]
+            v_all = values[ctx.slots, :, : ctx.num_keys]
+        mask = ctx.masks[self.layer_id]
+        out = F.scaled_dot_product_attention(
+            q, k_all, v_all, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, n, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer_id)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: "ForwardContext", cache: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class ForwardContext:
+    """Per-forward tensors shared by every layer: positions, slots, RoPE tables, masks."""
+
+    positions: torch.Tensor  # [B, N]
+    slots: torch.Tensor  # [B]
+    slot_index: torch.Tensor  # [B, 1], for writing by position
+    slot_range: tuple[int, int] | None
+    num_keys: int
+    cos: torch.Tensor  # [B, 1, N, D]
+    sin: torch.Tensor  # [B, 1, N, D]
+    masks: list[torch.Tensor | None]  # per layer: [B, 1, N, num_keys] bool, or None (all visible)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, N, V] or [B, 1, V] (last real token of each row), fp32
+    hidden_states: torch.Tensor | None  # [B, N, L*hidden]: chosen layers' outputs, concatenated
+
+
+class Transformer(nn.Module):
+    """The decoder. Parameter names follow Hugging Face's, so safetensors load without renaming."""
+
+    def __init__(self, args: ModelArgs, inv_freq: torch.Tensor, rope_scale: float = 1.0):
+        super().__init__()
+        self.args = args
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", inv_freq.double(), persistent=False)
+        self.rope_scale = rope_scale
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def build_context(
+        self, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache
+    ) -> ForwardContext:
+        """positions [B, N] (row b's N new tokens), slots [B]."""
+        num_keys = int(positions.max()) + 1
+        freqs = positions[..., None].double() * self.inv_freq  # [B, N, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(self.dtype).unsqueeze(1)
+        sin = (emb.sin() * self.rope_scale).to(self.dtype).unsqueeze(1)
+        slot_list = slots.tolist()
+        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
+        key_pos = torch.arange(num_keys, device=positions.device)
+        query_pos = positions[:, None, :, None]  # [B, 1, N, 1]
+        masks_by_window: dict[int | None, torch.Tensor | None] = {}
+        for window in set(self.args.sliding_windows):
+            visible = key_pos <= query_pos
+            if window is not None:
+                visible = visible & (key_pos > query_pos - window)
+            # One query over a full prefix sees every key: skip the mask (faster SDPA path).
+            trivial = positions.shape[1] == 1 and bool(visible.all())
+            masks_by_window[window] = None if trivial else visible
+        return ForwardContext(
+            positions=positions,
+            slots=slots,
+            slot_index=slots[:, None],
+            slot_range=(slot_list[0], slot_list[0] + len(slot_list)) if contiguous else None,
+            num_keys=num_keys,
+            cos=cos,
+            sin=sin,
+            masks=[masks_by_window[w] for w in self.args.sliding_windows],
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        cache: KVCache,
+        num_new: torch.Tensor | None = None,
+        last_only: bool = False,
+        hidden_layers: tuple[int, ...] = (),
+    ) -> ModelOutput:
+        """input_ids/positions [B, N]; slots [B]; num_new [B] real tokens per row (default all N).
+
+        Writes K/V of every row's tokens into its slot at their positions (the caller sets the
+        committed length afterwards). `hidden_layers` are decoder-layer indices whose outputs are
+        returned (Hugging Face's hidden_states[i + 1]). With `last_only`, logits are computed at each
+        row's last real token only.
+        """
+        ctx = self.build_context(positions, slots, cache)
+        x = self.model.embed_tokens(input_ids)
+        wanted = set(hidden_layers)
+        captured: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, ctx, cache)
+            if i in wanted:
+                captured[i] = x
+        x = self.model.norm(x)
+        if last_only:
+            bsz, n = input_ids.shape
+            last = (num_new - 1) if num_new is not None else torch.full((bsz,), n - 1)
+            x = x[torch.arange(bsz), last][:, None]
+        logits = self.lm_head(x).float()
+        hidden = torch.cat([captured[i] for i in hidden_layers], dim=-1) if hidden_layers else None
+        return ModelOutput(logits=logits, hidden_states=hidden)

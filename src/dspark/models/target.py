@@ -1,0 +1,93 @@
+"""A loaded causal LM: native decoder + its config, tokenizer and stop ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dspark.config import torch_dtype
+from dspark.models.kv_cache import KVCache, build_kv_cache
+from dspark.models.llama import Transformer
+from dspark.models.loading import load_native_model, resolve_model_dir, weights_fingerprint
+
+
+@dataclass
+class LoadedModel:
+    """What the engine and drafters need of a model; the tokenizer is used only at the edges."""
+
+    spec: str
+    model_dir: Path
+    model: Transformer
+    hf_config: object
+    tokenizer: object | None
+    eos_token_ids: tuple[int, ...]
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.args.vocab_size
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return self.model.args.max_position_embeddings
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint
+
+    def build_cache(self, num_slots: int, max_seq_len: int, headroom: int) -> KVCache:
+        args = self.model.args
+        return build_kv_cache(
+            args.num_layers, num_slots, max_seq_len, args.num_kv_heads, args.head_dim,
+            self.model.dtype, self.model.device, headroom=headroom,
+        )
+
+
+def eos_ids_of(model_dir: Path, hf_config) -> tuple[int, ...]:
+    """Stop ids: generation_config.json's eos_token_id(s), else the config's."""
+    ids: list[int] = []
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(model_dir)
+        eos = gen.eos_token_id
+    except (OSError, ValueError):
+        eos = None
+    if eos is None:
+        eos = getattr(hf_config, "eos_token_id", None)
+    for value in eos if isinstance(eos, (list, tuple)) else [eos]:
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    return tuple(ids)
+
+
+def load_model(spec: str, dtype: str = "bf16", with_tokenizer: bool = True) -> LoadedModel:
+    """Resolve a spec (builtin name, .gguf file, HF folder) and load it on the CPU."""
+    model_dir = resolve_model_dir(spec)
+    model, hf_config = load_native_model(model_dir, torch_dtype(dtype))
+    tokenizer = None
+    if with_tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return LoadedModel(spec, model_dir, model, hf_config, tokenizer, eos_ids_of(model_dir, hf_config))
+
+
+@torch.inference_mode()
+def reference_greedy(model: Transformer, prompt_ids: list[int], num_tokens: int) -> list[int]:
+    """Plain greedy decoding by full forwards over the whole sequence (no cache reuse): the slow
+    reference every speculative path must reproduce token for token."""
+    args = model.args
+    ids = list(prompt_ids)
+    out: list[int] = []
+    for _ in range(num_tokens):
+        cache = build_kv_cache(args.num_layers, 1, len(ids), args.num_kv_heads, args.head_dim, model.dtype, headroom=0)
+        logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], torch.tensor([0]), cache, last_only=True).logits
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        ids.append(token)
+    return out

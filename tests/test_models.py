@@ -1,0 +1,95 @@
+"""Native decoder vs transformers, and the KV cache fast paths vs full forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.models.kv_cache import build_kv_cache
+from dspark.models.loading import load_native_model
+from tests.conftest import FAMILIES, hf_model
+
+
+def forward(model, ids, cache, slot=0, start=0, **kw):
+    n = ids.shape[-1]
+    return model(ids.view(1, n), (start + torch.arange(n))[None], torch.tensor([slot]), cache, **kw)
+
+
+def new_cache(model, slots=1, max_seq_len=64):
+    a = model.args
+    return build_kv_cache(a.num_layers, slots, max_seq_len, a.num_kv_heads, a.head_dim, model.dtype)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_native_logits_and_hidden_states_match_transformers(tiny_dirs, family, attn):
+    native, _ = load_native_model(tiny_dirs[family], torch.float32)
+    ref = hf_model(tiny_dirs[family], attn=attn)
+    ids = torch.randint(0, native.args.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(ids, output_hidden_states=True)
+    out = forward(native, ids, new_cache(native), hidden_layers=(0, 1))
+    torch.testing.assert_close(out.logits, expected.logits, atol=2e-5, rtol=1e-4)
+    # hidden_layers=(0,) is HF's hidden_states[1]; the last HF entry is normed, so compare layer 0 only.
+    torch.testing.assert_close(out.hidden_states[..., : native.args.hidden_size], expected.hidden_states[1], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decode_equals_full_forward(tiny_dirs, family):
+    model, _ = load_native_model(tiny_dirs[family], torch.float64)
+    ids = torch.randint(0, model.args.vocab_size, (16,), generator=torch.Generator().manual_seed(2))
+    full = forward(model, ids, new_cache(model)).logits[0]
+    cache = new_cache(model)
+    forward(model, ids[:5], cache)
+    steps = [forward(model, ids[i : i + 1], cache, start=i).logits[0, 0] for i in range(5, 16)]
+    torch.testing.assert_close(torch.stack(steps), full[5:], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rolled_back_cache_equals_fresh_prefill(tiny_dirs, family):
+    model, _ = load_native_model(tiny_dirs[family], torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.args.vocab_size, (12,), generator=gen)
+    junk = torch.randint(0, model.args.vocab_size, (6,), generator=gen)
+    cache = new_cache(model)
+    forward(model, ids[:8], cache)
+    forward(model, junk, cache, start=8)  # rejected drafts written past the committed length
+    cache.set_length(0, 8)  # rollback = set the length
+    rolled = forward(model, ids[8:], cache, start=8).logits
+    fresh = forward(model, ids, new_cache(model)).logits[:, 8:]
+    torch.testing.assert_close(rolled, fresh, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_ragged_batch_rows_equal_single_row_forwards(tiny_dirs, family):
+    """Rows with different committed lengths and padded new tokens, in non-contiguous slots."""
+    model, _ = load_native_model(tiny_dirs[family], torch.float64)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, model.args.vocab_size, (n,), generator=gen) for n in (3, 9, 6)]
+    news = [torch.randint(0, model.args.vocab_size, (n,), generator=gen) for n in (1, 4, 2)]
+    slots = [3, 0, 2]
+    cache = new_cache(model, slots=4)
+    for slot, prompt in zip(slots, prompts):
+        forward(model, prompt, cache, slot=slot)
+    width = max(len(n) for n in news)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    for row, n in enumerate(news):
+        ids[row, : len(n)] = n
+    positions = torch.tensor([len(p) for p in prompts])[:, None] + torch.arange(width)
+    out = model(ids, positions, torch.tensor(slots), cache, hidden_layers=(1,))
+    for row, (prompt, new) in enumerate(zip(prompts, news)):
+        ref = forward(model, torch.cat([prompt, new]), new_cache(model), hidden_layers=(1,))
+        torch.testing.assert_close(out.logits[row, : len(new)], ref.logits[0, len(prompt) :], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(out.hidden_states[row, : len(new)], ref.hidden_states[0, len(prompt) :], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.slow
+def test_smollm2_native_logits_match_transformers(smollm2_dir):
+    native, _ = load_native_model(smollm2_dir, torch.float32)
+    ref = hf_model(smollm2_dir, attn="sdpa")
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1789, 28, 2, 9690, 198, 3725]])
+    with torch.no_grad():
+        expected = ref(ids).logits
+    out = forward(native, ids, new_cache(native))
+    torch.testing.assert_close(out.logits, expected, atol=1e-3, rtol=1e-3)
+    assert torch.equal(out.logits.argmax(-1), expected.argmax(-1))

@@ -1,0 +1,50 @@
+"""Warping: temperature, top-k, top-p, greedy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dspark.config import SamplingParams
+from dspark.errors import DSparkError
+from dspark.sampling import logits_to_probs
+
+LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]], dtype=torch.float64))
+
+
+def test_greedy_is_one_hot_argmax():
+    probs = logits_to_probs(LOGITS, SamplingParams(temperature=0.0))
+    assert probs.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+def test_temperature_one_is_softmax():
+    torch.testing.assert_close(logits_to_probs(LOGITS, SamplingParams(temperature=1.0)), LOGITS.exp())
+
+
+def test_top_k_keeps_k_most_likely_renormalised():
+    probs = logits_to_probs(LOGITS, SamplingParams(temperature=1.0, top_k=2))
+    torch.testing.assert_close(probs, torch.tensor([[2 / 3, 1 / 3, 0.0, 0.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("top_p", "kept"),
+    [(0.5, 1), (0.5001, 2), (0.75, 2), (0.76, 3), (0.89, 3), (0.91, 4), (1.0, 4)],
+)
+def test_top_p_keeps_smallest_nucleus_reaching_p(top_p, kept):
+    probs = logits_to_probs(LOGITS, SamplingParams(temperature=1.0, top_p=top_p))
+    assert int((probs > 0).sum()) == kept
+    torch.testing.assert_close(probs.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_top_k_then_top_p_compose():
+    probs = logits_to_probs(LOGITS, SamplingParams(temperature=1.0, top_k=3, top_p=0.6))
+    # top-3 renormalised: 0.556, 0.278, 0.167 -> nucleus 0.6 keeps two
+    assert int((probs > 0).sum()) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(temperature=-0.1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)]
+)
+def test_bad_sampling_params_are_rejected_with_the_value(kwargs):
+    with pytest.raises(DSparkError, match=str(list(kwargs.values())[0])):
+        SamplingParams(**kwargs)
