@@ -62,6 +62,26 @@ def test_module_entry_point_runs_as_a_process(tiny_dirs):
     assert "tok/s" in proc.stderr
 
 
+def test_stop_strings_cut_the_text_before_the_stop(capsys, tiny_dirs):
+    argv = ["--target", str(tiny_dirs["llama"]), "--prompt", "w5 w6 w7", "--max-new-tokens", "8", "--dtype", "fp32", "--json"]
+    full = json_lines(run(capsys, *argv)[1])[0]
+    words = full["text"].split()
+    assert len(words) >= 4
+    stop = words[2]
+    cut = json_lines(run(capsys, *argv, "--stop", stop)[1])[0]
+    assert cut["finish_reason"] == "stop" and stop not in cut["text"].split()
+    assert full["text"].startswith(cut["text"].rstrip())
+    assert full["token_ids"][: len(cut["token_ids"])] == cut["token_ids"]
+
+
+def test_unsupported_architecture_is_refused_naming_the_supported_ones(capsys, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(tmp_path / "gpt2")
+    code, _, err = run(capsys, "--target", str(tmp_path / "gpt2"), "--prompt", "x")
+    assert code == 2 and "'gpt2' has no native decoder" in err and "llama, mistral, qwen2, qwen3" in err
+
+
 BAD_INPUTS = [
     (["--target", "no-such-model", "--prompt", "x"], "unknown model 'no-such-model'"),
     (["--target", "missing.gguf", "--prompt", "x"], "GGUF file 'missing.gguf' does not exist"),

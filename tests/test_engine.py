@@ -53,7 +53,7 @@ def make_drafter(kind, target, other_draft):
 @pytest.mark.parametrize("random_lengths", [False, True])
 def test_greedy_output_is_identical_to_target_only_decoding(target, other_draft, kind, block_size, random_lengths):
     drafter = make_drafter(kind, target, other_draft)
-    engine = Engine(target, drafter, EngineConfig(block_size=block_size, max_batch_size=3, max_seq_len=64, dtype="fp64"))
+    engine = Engine(target, drafter, EngineConfig(block_size=block_size, max_batch_size=3, max_seq_len=64))
     rng = random.Random(block_size)
     # Any verification length vector must stay lossless; this policy ignores the drafted tokens.
     policy = (lambda reqs, props: [rng.randint(0, len(p)) for p in props]) if random_lengths else None
@@ -185,3 +185,20 @@ def test_speculative_sequences_follow_the_target_distribution_200k(vocab4, draft
     drafter = NgramDrafter() if drafter_kind == "ngram" else DraftModelDrafter(draft)
     tv, bound = sampled_tv(target, drafter, DIST_CASES["T=1"], 200_000, block_size=2, policy=policy)
     assert tv < bound, f"TV {tv:.4f} >= {bound:.4f} (null mean + 4 sigma: false-failure probability < 1e-4)"
+
+
+def test_greedy_and_sampled_requests_share_a_batch(target):
+    """Per-request sampling parameters: a greedy row stays identical to plain greedy decoding while
+    its neighbours sample, and a seeded sampled row is reproducible whatever its neighbours do."""
+    def run(neighbour_seed):
+        engine = Engine(target, NgramDrafter(), EngineConfig(block_size=3, max_batch_size=3, max_seq_len=64))
+        requests = [
+            Request(PROMPTS[0], SamplingParams(temperature=0.0), StopParams(max_new_tokens=12)),
+            Request(PROMPTS[1], SamplingParams(temperature=1.0, top_k=8, seed=7), StopParams(max_new_tokens=12)),
+            Request(PROMPTS[2], SamplingParams(temperature=0.7, top_p=0.9, seed=neighbour_seed), StopParams(max_new_tokens=12)),
+        ]
+        return engine.generate(requests)
+
+    first, second = run(1), run(2)
+    assert first[0].token_ids == expected_greedy(target, PROMPTS[0], 12)
+    assert first[1].token_ids == second[1].token_ids

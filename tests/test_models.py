@@ -93,3 +93,29 @@ def test_smollm2_native_logits_match_transformers(smollm2_dir):
     out = forward(native, ids, new_cache(native))
     torch.testing.assert_close(out.logits, expected, atol=1e-3, rtol=1e-3)
     assert torch.equal(out.logits.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+def test_fused_projections_equal_separate_projections(tiny_dirs, family):
+    fused, _ = load_native_model(tiny_dirs[family], torch.float64)
+    plain, _ = load_native_model(tiny_dirs[family], torch.float64, fuse=False)
+    ids = torch.randint(0, fused.args.vocab_size, (10,), generator=torch.Generator().manual_seed(5))
+    for n in (1, 10):  # the small-query attention path and the SDPA path
+        torch.testing.assert_close(forward(fused, ids[:n], new_cache(fused)).logits,
+                                   forward(plain, ids[:n], new_cache(plain)).logits, atol=1e-12, rtol=1e-12)
+    assert set(fused.state_dict()) == set(plain.state_dict())
+
+
+def test_grouped_attention_equals_sdpa_with_masks():
+    from dspark.models.llama import grouped_attention
+
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 6, 5, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 2, 11, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 2, 11, 8, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2, 1, 5, 11, generator=gen) < 0.7
+    mask[..., 0] = True  # every query sees at least one key
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(grouped_attention(q, k, v, mask), expected, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grouped_attention(q, k, v, None),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True), atol=1e-12, rtol=1e-12)

@@ -108,7 +108,7 @@ def run_generate(args) -> int:
                 f"(model limit {limit}); shorten it or raise --max-seq-len"
             )
     config = EngineConfig(block_size=args.block_size, max_batch_size=min(args.batch_size, len(prompts)),
-                          max_seq_len=max_seq_len, dtype=args.dtype)
+                          max_seq_len=max_seq_len)
     engine = Engine(target, drafter, config)
     checker = StopStrings(tok, args.stop) if args.stop else None
     requests = [Request(ids, sampling[i], stop, request_id=i, stop_checker=checker) for i, ids in enumerate(encoded)]

@@ -52,7 +52,6 @@ class EngineConfig:
     block_size: int = 8  # K: the most draft tokens verified per request per round
     max_batch_size: int = 8  # request slots
     max_seq_len: int = 2048  # context length per request (prompt + generated)
-    dtype: str = "bf16"
 
     def __post_init__(self) -> None:
         if self.block_size < 0:
@@ -61,8 +60,6 @@ class EngineConfig:
             raise DSparkError(f"max_batch_size must be a positive integer, got {self.max_batch_size}")
         if self.max_seq_len <= 0:
             raise DSparkError(f"max_seq_len must be a positive integer, got {self.max_seq_len}")
-        if self.dtype not in DTYPES:
-            raise DSparkError(f"dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
 
 
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp64": "float64", "fp16": "float16"}

@@ -42,6 +42,10 @@ class DraftModelDrafter:
         self._fed_drafts: dict[int, int] = {}  # slot -> drafts written to the cache by the last propose
 
     def setup(self, num_slots: int, max_seq_len: int, block_size: int) -> None:
+        if max_seq_len > self.draft.max_position_embeddings:
+            raise DSparkError(
+                f"max_seq_len {max_seq_len} exceeds the draft model's context {self.draft.max_position_embeddings}"
+            )
         self.cache = self.draft.build_cache(num_slots, max_seq_len, headroom=block_size + 2)
 
     def begin(self, slot: int, prompt_ids: list[int], features) -> None:

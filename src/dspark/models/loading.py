@@ -160,8 +160,13 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_native_model(model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> tuple[Transformer, object]:
-    """Build the native decoder from a Hugging Face folder; returns (model, transformers config)."""
+def load_native_model(
+    model_dir: Path, dtype: torch.dtype, device: str = "cpu", fuse: bool = True
+) -> tuple[Transformer, object]:
+    """Build the frozen native decoder from a Hugging Face folder; returns (model, transformers config).
+
+    With `fuse`, q/k/v and gate/up matmuls are fused (faster; the parameters stay addressable by name).
+    """
     config = load_hf_config(model_dir)
     args = model_args_from_hf_config(config)
     inv_freq, rope_scale = rope_inv_freq(config)
@@ -183,6 +188,8 @@ def load_native_model(model_dir: Path, dtype: torch.dtype, device: str = "cpu") 
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = inv_freq.to(device)
     model.eval().requires_grad_(False)
+    if fuse:
+        model.fuse_projections()
     return model, config
 
 
