@@ -153,3 +153,34 @@ def test_smollm2_chat_generation_on_humaneval_prompts(capsys, smollm2_dir, tmp_p
     assert [r["token_ids"] for r in results["ngram"]] == [r["token_ids"] for r in results["none"]]
     assert all(r["text"].strip() for r in results["ngram"])
     assert all(r["accept_length"] >= 1.0 for r in results["ngram"])
+
+
+@pytest.mark.parametrize("arch", ["dspark", "dflash", "eagle3"])
+def test_drafter_init_info_and_generate_with_the_folder(capsys, tiny_dirs, tmp_path, arch):
+    out = tmp_path / arch
+    sets = ["--set", "markov_rank=8", "--set", "markov_head_type=rnn"] if arch == "dspark" else []
+    assert main(["drafter", "init", "--target", str(tiny_dirs["qwen3"]), "--arch", arch, "--out", str(out), *sets]) == 0
+    assert main(["drafter", "info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info["arch"] == arch and info["total_parameters"] > 0
+    argv = ["--target", str(tiny_dirs["qwen3"]), "--prompt", "w5 w6 w7 w5", "--max-new-tokens", "8", "--dtype", "fp32", "--json"]
+    code, stdout, err = run(capsys, *argv, "--drafter", str(out))
+    assert code == 0, err
+    assert json_lines(stdout)[0]["token_ids"] == json_lines(run(capsys, *argv, "--drafter", "none")[1])[0]["token_ids"]
+
+
+def test_drafter_init_refuses_bad_settings_and_existing_folders(capsys, tiny_dirs, tmp_path):
+    assert main(["drafter", "init", "--target", str(tiny_dirs["qwen3"]), "--arch", "dspark", "--out",
+                 str(tmp_path / "a"), "--set", "rank=4"]) == 2
+    assert "unknown drafter setting 'rank'" in capsys.readouterr().err
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("keep")
+    assert main(["drafter", "init", "--target", str(tiny_dirs["qwen3"]), "--arch", "dflash", "--out", str(tmp_path / "b")]) == 2
+    assert "already exists" in capsys.readouterr().err and (tmp_path / "b" / "x").read_text() == "keep"
+
+
+def test_a_drafter_made_for_another_target_is_refused(capsys, tiny_dirs, tmp_path):
+    assert main(["drafter", "init", "--target", str(tiny_dirs["qwen3"]), "--arch", "dflash", "--out", str(tmp_path / "d")]) == 0
+    capsys.readouterr()
+    code, _, err = run(capsys, "--target", str(tiny_dirs["llama"]), "--drafter", str(tmp_path / "d"), "--prompt", "w5")
+    assert code == 2 and "was made for a target with architecture 'qwen3'" in err

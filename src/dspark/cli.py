@@ -138,10 +138,70 @@ def run_generate(args) -> int:
     return 0
 
 
+def add_drafter_parser(sub) -> None:
+    from dspark.drafters.checkpoint import ARCHS, SETTABLE
+
+    p = sub.add_parser("drafter", help="create and inspect drafter folders")
+    dsub = p.add_subparsers(dest="drafter_command", required=True)
+    init = dsub.add_parser("init", help="write a randomly initialised drafter for a target")
+    init.add_argument("--target", default="smollm2-135m")
+    init.add_argument("--arch", required=True, choices=ARCHS)
+    init.add_argument("--out", required=True, help="new folder (refused if it exists and is not empty)")
+    init.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help=f"override a setting ({', '.join(SETTABLE)})")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"], help="dtype of the stored weights")
+    init.set_defaults(func=run_drafter_init)
+    info = dsub.add_parser("info", help="print a drafter's config and parameter counts")
+    info.add_argument("path")
+    info.set_defaults(func=run_drafter_info)
+
+
+def run_drafter_init(args) -> int:
+    from dspark.drafters.checkpoint import new_dspark_config, parse_overrides, build_dspark_model, save_drafter
+    from dspark.models.target import load_model
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise DSparkError(f"{out} already exists and is not empty; choose another --out (nothing was written)")
+    overrides = parse_overrides(args.set)
+    target = load_model(args.target, args.dtype)
+    if args.arch == "eagle3":
+        from dspark.drafters.eagle3 import build_eagle3_model, new_eagle3_config
+
+        model = build_eagle3_model(new_eagle3_config(target, overrides), target, seed=args.seed)
+    else:
+        model = build_dspark_model(new_dspark_config(target, args.arch, overrides), target, seed=args.seed)
+    save_drafter(model, out)
+    print(f"wrote {args.arch} drafter for {args.target} to {out}")
+    return 0
+
+
+def run_drafter_info(args) -> int:
+    from safetensors import safe_open
+
+    from dspark.drafters.checkpoint import read_drafter_config
+
+    raw = read_drafter_config(args.path)
+    counts: dict[str, int] = {}
+    with safe_open(str(Path(args.path) / "model.safetensors"), framework="pt") as handle:
+        for key in handle.keys():
+            numel = 1
+            for dim in handle.get_slice(key).get_shape():
+                numel *= dim
+            group = key.split(".")[0]
+            counts[group] = counts.get(group, 0) + numel
+    print(json.dumps({"arch": raw["arch"], "config": raw["config"], "parameters": counts,
+                      "total_parameters": sum(counts.values()),
+                      "note": "embedding and LM head are the target's (shared, not stored)"}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark", description="Lossless speculative decoding with DSpark drafters")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
+    add_drafter_parser(sub)
     return parser
 
 

@@ -98,6 +98,15 @@ def rope_inv_freq(config) -> tuple[torch.Tensor, float]:
     return inv_freq.double(), float(scale)
 
 
+def rope_tables(
+    positions: torch.Tensor, inv_freq: torch.Tensor, scale: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [B, N] -> cos, sin [B, 1, N, D] (computed in float64, then cast)."""
+    freqs = positions[..., None].double() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scale).to(dtype).unsqueeze(1), (emb.sin() * scale).to(dtype).unsqueeze(1)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -317,10 +326,7 @@ class Transformer(nn.Module):
     ) -> ForwardContext:
         """positions [B, N] (row b's N new tokens), slots [B]."""
         num_keys = int(positions.max()) + 1
-        freqs = positions[..., None].double() * self.inv_freq  # [B, N, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scale).to(self.dtype).unsqueeze(1)
-        sin = (emb.sin() * self.rope_scale).to(self.dtype).unsqueeze(1)
+        cos, sin = rope_tables(positions, self.inv_freq, self.rope_scale, self.dtype)
         slot_list = slots.tolist()
         contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
         key_pos = torch.arange(num_keys, device=positions.device)

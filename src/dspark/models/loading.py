@@ -194,11 +194,14 @@ def load_native_model(
 
 
 def weights_fingerprint(model: Transformer) -> str:
-    """A short, cheap fingerprint of a model's weights (shapes + a strided sample of values)."""
+    """A short, cheap fingerprint of a model's weights (shapes + a strided sample of values).
+
+    Values are rounded to bf16 first, so the same weights loaded in bf16 or fp32 agree.
+    """
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float()
+        sample = flat[:: max(1, flat.numel() // 4096)].to(torch.bfloat16).float()
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(sample.numpy().tobytes())

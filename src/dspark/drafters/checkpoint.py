@@ -1,0 +1,192 @@
+"""Drafter folders: config.json (everything needed to rebuild the drafter, including the target it
+was made for) + model.safetensors (trainable weights only; the embedding and LM head are the
+target's and are not stored). Weights are read only from safetensors, never unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dspark.drafters.dspark import (
+    DSparkConfig, DSparkDrafter, DSparkModel, TargetSpec, config_fields_from_json, default_target_layer_ids,
+)
+from dspark.errors import DSparkError
+from dspark.models.target import LoadedModel
+
+FORMAT = "dspark-drafter"
+FORMAT_VERSION = 1
+ARCHS = ("dspark", "dflash", "eagle3")
+SETTABLE = ("block_size", "num_draft_layers", "markov_rank", "markov_head_type", "confidence_head",
+            "confidence_with_markov", "target_layer_ids", "mask_token_id")
+
+
+def target_spec_of(target: LoadedModel) -> TargetSpec:
+    args = target.model.args
+    return TargetSpec(args.architecture, args.hidden_size, args.vocab_size, args.num_layers, target.fingerprint)
+
+
+def check_target(spec: TargetSpec, target: LoadedModel, where: str) -> None:
+    """Refuse a target other than the one the drafter was made for, naming the mismatch."""
+    args = target.model.args
+    for name in ("architecture", "hidden_size", "vocab_size", "num_layers", "fingerprint"):
+        want = getattr(spec, name)
+        got = target.fingerprint if name == "fingerprint" else getattr(args, name)
+        if want is not None and want != got:
+            raise DSparkError(
+                f"drafter {where} was made for a target with {name} {want!r}, but target {target.spec!r} has {got!r}"
+            )
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`key=value` strings (values parsed as JSON when they can be) -> dict of known settable keys."""
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise DSparkError(f"--set expects key=value, got {pair!r}")
+        if key not in SETTABLE:
+            raise DSparkError(f"unknown drafter setting {key!r}; settable: {', '.join(SETTABLE)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def new_dspark_config(target: LoadedModel, arch: str = "dspark", overrides: dict | None = None) -> DSparkConfig:
+    """Config of a fresh DSpark (or DFlash) drafter for this target."""
+    if arch not in ("dspark", "dflash"):
+        raise DSparkError(f"unknown drafter architecture {arch!r}; choose one of: {', '.join(ARCHS)}")
+    overrides = dict(overrides or {})
+    targs = target.model.args
+    base = dict(
+        target=target_spec_of(target),
+        target_layer_ids=default_target_layer_ids(targs.num_layers),
+        mask_token_id=targs.vocab_size - 1,  # a fixed embedding row; DeepSpec also uses an unused id
+        layer_args=dataclasses.replace(targs, num_layers=1, sliding_windows=(None,)),
+        arch=arch,
+    )
+    if arch == "dflash":
+        base.update(markov_rank=0, confidence_head=False)
+    base.update(overrides)
+    return DSparkConfig(**base)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """DeepSpec's initialisation: linear and embedding weights N(0, std), biases 0, norms 1."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, 0.0, std)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Embedding):
+            nn.init.normal_(sub.weight, 0.0, std)
+        elif hasattr(sub, "weight") and type(sub).__name__ == "RMSNorm":
+            nn.init.ones_(sub.weight)
+
+
+def build_sharing_model(model_cls, config, target: LoadedModel, seed: int | None = 0) -> nn.Module:
+    """A drafter model sharing the target's embedding, LM head and RoPE, randomly initialised
+    (seed None: leave the global RNG alone, e.g. before loading weights), frozen, in the target's dtype."""
+    tm = target.model
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = model_cls(config, tm.model.embed_tokens, tm.lm_head, tm.inv_freq, tm.rope_scale)
+    init_weights(model)
+    return model.to(tm.dtype).eval().requires_grad_(False)
+
+
+def build_dspark_model(config: DSparkConfig, target: LoadedModel, seed: int | None = 0) -> DSparkModel:
+    return build_sharing_model(DSparkModel, config, target, seed)
+
+
+def _config_to_json(config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _dspark_config_from_json(raw: dict) -> DSparkConfig:
+    raw = config_fields_from_json(raw)
+    raw["confidence_temperatures"] = tuple(raw.get("confidence_temperatures", ()))
+    return DSparkConfig(**raw)
+
+
+def save_drafter(model: nn.Module, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a drafter folder atomically (temporary folder, then rename): a crash leaves the old one intact."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise DSparkError(f"{out} already exists and is not empty; choose another --out (nothing was written)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        config = model.config
+        payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": config.arch, "config": _config_to_json(config)}
+        (tmp / "config.json").write_text(json.dumps(payload, indent=2) + "\n")
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_drafter_config(path: str | Path) -> dict:
+    folder = Path(path)
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise DSparkError(f"{folder} is not a drafter folder: config.json is missing")
+    raw = json.loads(cfg.read_text())
+    if raw.get("format") != FORMAT:
+        raise DSparkError(f"{cfg} is not a dspark drafter config (format {raw.get('format')!r}, expected {FORMAT!r})")
+    if raw.get("arch") not in ARCHS:
+        raise DSparkError(f"{cfg}: unknown drafter architecture {raw.get('arch')!r}; known: {', '.join(ARCHS)}")
+    return raw
+
+
+def load_drafter_model(path: str | Path, target: LoadedModel) -> nn.Module:
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    raw = read_drafter_config(folder)
+    if raw["arch"] == "eagle3":
+        from dspark.drafters.eagle3 import build_eagle3_model, eagle3_config_from_json
+
+        config = eagle3_config_from_json(raw["config"])
+        check_target(config.target, target, str(folder))
+        model = build_eagle3_model(config, target, seed=None)
+    else:
+        config = _dspark_config_from_json(raw["config"])
+        check_target(config.target, target, str(folder))
+        model = build_dspark_model(config, target, seed=None)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise DSparkError(f"{folder} has no model.safetensors")
+    state = load_file(str(weights))
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise DSparkError(f"{weights} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict({k: v.to(target.model.dtype) for k, v in state.items()})
+    return model
+
+
+def load_drafter(path: str | Path, target: LoadedModel):
+    """A ready Drafter from a folder, checked against the target."""
+    model = load_drafter_model(path, target)
+    if model.config.arch == "eagle3":
+        from dspark.drafters.eagle3 import Eagle3Drafter
+
+        return Eagle3Drafter(model)
+    return DSparkDrafter(model)

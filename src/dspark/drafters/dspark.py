@@ -1,0 +1,358 @@
+"""DSpark drafter (paper §3.1, eq. 2-7): a parallel DFlash-style backbone, a sequential head and a
+confidence head. DFlash is this same class with both heads off (markov_rank 0, no confidence head).
+
+Backbone. The target's hidden states at `target_layer_ids` are concatenated, projected by `fc` and
+RMS-normed once (eq. 2); every draft layer attends over [context keys/values ; block keys/values],
+the context projected by that layer's own k/v projections (eq. 3, "KV injection"). A block is the
+anchor (the pending bonus token) followed by K-1 mask tokens; the anchor is the first prediction
+position, so K inputs give K draft logits (slot k predicts the token at anchor + k + 1). Attention
+is bidirectional inside a block and sees context strictly before the anchor (the anchor's own
+target features do not exist yet at inference). Embedding and LM head are the target's, shared and
+frozen, never copied.
+
+Inference keeps, per slot, a cache of the context keys/values of every draft layer; it grows with
+the features of committed tokens and rolls back like the target's (by length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from dspark.drafters.base import DraftRequest, Proposal, empty_proposal
+from dspark.drafters.heads import HEAD_TYPES, ConfidenceHead, build_sequential_head
+from dspark.errors import DSparkError
+from dspark.models.kv_cache import KVCache, build_kv_cache
+from dspark.models.llama import DecoderLayer, ModelArgs, RMSNorm, apply_rope, grouped_attention, rope_tables
+from dspark.sampling import logits_to_probs, sample_rows
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """The target a drafter was made for; loading against another target is refused."""
+
+    architecture: str
+    hidden_size: int
+    vocab_size: int
+    num_layers: int
+    fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class DSparkConfig:
+    target: TargetSpec
+    target_layer_ids: tuple[int, ...]
+    mask_token_id: int
+    layer_args: ModelArgs  # geometry of the draft layers (the target family's decoder layer)
+    block_size: int = 7  # K: anchor + K-1 masks -> K draft tokens
+    num_draft_layers: int = 1
+    markov_rank: int = 256  # R; 0 = no sequential head (DFlash)
+    markov_head_type: str = "vanilla"
+    confidence_head: bool = True
+    confidence_with_markov: bool = True
+    # Per-position confidence temperatures (sequential temperature scaling); filled by calibration.
+    confidence_temperatures: tuple[float, ...] = field(default=())
+    arch: str = "dspark"
+
+    def __post_init__(self) -> None:
+        ids = list(self.target_layer_ids)
+        if not ids or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= self.target.num_layers:
+            raise DSparkError(
+                f"target_layer_ids {ids} must be strictly increasing decoder-layer indices in "
+                f"[0, {self.target.num_layers - 1}]"
+            )
+        if self.block_size < 1:
+            raise DSparkError(f"block_size must be >= 1, got {self.block_size}")
+        if self.num_draft_layers < 1:
+            raise DSparkError(f"num_draft_layers must be >= 1, got {self.num_draft_layers}")
+        if self.markov_rank < 0:
+            raise DSparkError(f"markov_rank must be >= 0 (0 = off), got {self.markov_rank}")
+        if self.markov_head_type not in HEAD_TYPES:
+            raise DSparkError(f"markov_head_type {self.markov_head_type!r} is not one of {', '.join(HEAD_TYPES)}")
+        if not 0 <= self.mask_token_id < self.target.vocab_size:
+            raise DSparkError(f"mask_token_id {self.mask_token_id} is outside the vocabulary [0, {self.target.vocab_size})")
+        temps = self.confidence_temperatures
+        if temps and (len(temps) != self.block_size or any(t <= 0 for t in temps)):
+            raise DSparkError(f"confidence temperatures must be {self.block_size} values > 0, got {list(temps)}")
+
+
+def default_target_layer_ids(num_layers: int, count: int = 5) -> tuple[int, ...]:
+    """Evenly spread layers from 1 to num_layers - 3, as DeepSpec's [1, 9, 17, 25, 33] of 36."""
+    if num_layers <= count:
+        return tuple(range(num_layers))
+    last = num_layers - 3
+    return tuple(sorted({round(1 + i * (last - 1) / (count - 1)) for i in range(count)}))
+
+
+def config_fields_from_json(raw: dict) -> dict:
+    """Rebuild the nested fields every drafter config shares from their JSON form."""
+    raw = dict(raw)
+    raw["target"] = TargetSpec(**raw["target"])
+    args = dict(raw["layer_args"])
+    args["sliding_windows"] = tuple(args["sliding_windows"])
+    raw["layer_args"] = ModelArgs(**args)
+    raw["target_layer_ids"] = tuple(raw["target_layer_ids"])
+    return raw
+
+
+class DraftLayer(DecoderLayer):
+    """The target family's decoder layer (same modules and names: norms, GQA, RoPE, Qwen3 q/k norm),
+    run with KV injection instead of a causal cache."""
+
+    def context_kv(self, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ctx [B, T, H] (already fc + hidden_norm) -> keys/values [B, Hkv, T, D] at the context positions."""
+        attn = self.self_attn
+        bsz, t, _ = ctx.shape
+        k = attn.k_proj(ctx).view(bsz, t, attn.num_kv_heads, attn.head_dim)
+        if attn.k_norm is not None:
+            k = attn.k_norm(k)
+        v = attn.v_proj(ctx).view(bsz, t, attn.num_kv_heads, attn.head_dim)
+        return apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+
+    def forward(self, h, cos, sin, ctx_k, ctx_v, mask):
+        """h [B, Q, H] block stream; cos/sin [B, 1, Q, D]; ctx_k/v [B, Hkv, T, D]; mask [B, 1, Q, T + Q]."""
+        attn = self.self_attn
+        bsz, q_len, _ = h.shape
+        h_in = self.input_layernorm(h)
+        q = attn.q_proj(h_in).view(bsz, q_len, attn.num_heads, attn.head_dim)
+        k = attn.k_proj(h_in).view(bsz, q_len, attn.num_kv_heads, attn.head_dim)
+        v = attn.v_proj(h_in).view(bsz, q_len, attn.num_kv_heads, attn.head_dim)
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        keys = torch.cat([ctx_k, k], dim=2)
+        values = torch.cat([ctx_v, v.transpose(1, 2)], dim=2)
+        out = grouped_attention(q, keys, values, mask)
+        h = h + attn.o_proj(out.transpose(1, 2).reshape(bsz, q_len, attn.num_heads * attn.head_dim))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TargetSharingModel(nn.Module):
+    """A drafter's trainable weights plus references to the target's embedding, LM head and RoPE.
+
+    The shared modules sit in a tuple, so they are neither registered, saved nor trained.
+    """
+
+    def __init__(self, embed: nn.Embedding, lm_head: nn.Linear, inv_freq: torch.Tensor, rope_scale: float):
+        super().__init__()
+        self._shared = (embed, lm_head)
+        self.register_buffer("inv_freq", inv_freq.double(), persistent=False)
+        self.rope_scale = rope_scale
+
+    @property
+    def embed(self) -> nn.Embedding:
+        return self._shared[0]
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self._shared[1]
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(positions, self.inv_freq, self.rope_scale, dtype)
+
+
+class DSparkModel(TargetSharingModel):
+    """DSpark/DFlash weights with DeepSpec's parameter names."""
+
+    def __init__(self, config: DSparkConfig, embed: nn.Embedding, lm_head: nn.Linear, inv_freq: torch.Tensor,
+                 rope_scale: float = 1.0):
+        super().__init__(embed, lm_head, inv_freq, rope_scale)
+        self.config = config
+        args = config.layer_args
+        hidden = args.hidden_size
+        self.layers = nn.ModuleList(DraftLayer(args, i) for i in range(config.num_draft_layers))
+        self.fc = nn.Linear(len(config.target_layer_ids) * hidden, hidden, bias=False)
+        self.hidden_norm = RMSNorm(hidden, args.rms_norm_eps)
+        self.norm = RMSNorm(hidden, args.rms_norm_eps)
+        self.markov_head = build_sequential_head(config.markov_head_type, args.vocab_size, hidden, config.markov_rank)
+        conf_rank = config.markov_rank if (config.confidence_with_markov and config.markov_rank) else 0
+        self.confidence_head = ConfidenceHead(hidden, conf_rank) if config.confidence_head else None
+
+    def project_context(self, features: torch.Tensor) -> torch.Tensor:
+        """features [B, T, L*H] (target layers' outputs, concatenated) -> [B, T, H] (eq. 2)."""
+        return self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+
+    def block_inputs(self, anchors: torch.Tensor) -> torch.Tensor:
+        """anchors [...] -> block token ids [..., K]: the anchor then K-1 mask tokens."""
+        blocks = torch.full((*anchors.shape, self.config.block_size), self.config.mask_token_id, dtype=torch.long)
+        blocks[..., 0] = anchors
+        return blocks
+
+    def forward_blocks(
+        self, features: torch.Tensor, anchor_tokens: torch.Tensor, anchor_positions: torch.Tensor,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Teacher-forced blocks over a whole sequence (training and tests).
+
+        features [B, S, L*H]; anchor_tokens/anchor_positions [B, N]; keep [B, N] (False: a dummy
+        block, which sees only itself). Returns normed block hidden states [B, N, K, H].
+        Mask: block n sees context positions < anchor_n and its own block; blocks never see each other.
+        """
+        bsz, seq = features.shape[:2]
+        n_blocks, k_len = anchor_tokens.shape[1], self.config.block_size
+        keep = torch.ones_like(anchor_tokens, dtype=torch.bool) if keep is None else keep
+        ctx = self.project_context(features)
+        dtype = ctx.dtype
+        ctx_cos, ctx_sin = self.rope(torch.arange(seq).expand(bsz, seq), dtype)
+        positions = (anchor_positions[..., None] + torch.arange(k_len)).reshape(bsz, n_blocks * k_len)
+        cos, sin = self.rope(positions, dtype)
+        block_of_query = torch.arange(n_blocks).repeat_interleave(k_len)  # [Q]
+        ctx_visible = torch.arange(seq)[None, None, :] < anchor_positions.repeat_interleave(k_len, dim=1)[..., None]
+        ctx_visible = ctx_visible & keep.repeat_interleave(k_len, dim=1)[..., None]
+        own_block = (block_of_query[:, None] == block_of_query[None, :]).expand(bsz, -1, -1)
+        mask = torch.cat([ctx_visible, own_block], dim=-1)[:, None]  # [B, 1, Q, S + Q]
+        h = self.embed(self.block_inputs(anchor_tokens).reshape(bsz, -1)).to(dtype)
+        for layer in self.layers:
+            ctx_k, ctx_v = layer.context_kv(ctx, ctx_cos, ctx_sin)
+            h = layer(h, cos, sin, ctx_k, ctx_v, mask)
+        return self.norm(h).view(bsz, n_blocks, k_len, -1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+
+    def head_logits(self, base_logits: torch.Tensor, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced sequential head: corrected logits [..., K, V] (base logits if there is no head)."""
+        if self.markov_head is None:
+            return base_logits
+        return self.markov_head.apply_block(base_logits, prev_tokens, hidden)
+
+    def confidence_logits(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor | None:
+        """[..., K] raw confidence logits from [h_k ; W1[x_{k-1}]] (None without a confidence head)."""
+        if self.confidence_head is None:
+            return None
+        use_markov = self.markov_head is not None and self.config.confidence_with_markov
+        prev = self.markov_head.markov_w1(prev_tokens) if use_markov else None
+        return self.confidence_head.logits(hidden, prev)
+
+
+class DSparkDrafter:
+    """The Drafter protocol over a DSparkModel (DSpark or, with heads off, DFlash)."""
+
+    def __init__(self, model: DSparkModel):
+        self.model = model
+        self.config = model.config
+        self.name = model.config.arch
+        self.feature_layers = tuple(model.config.target_layer_ids)
+        self.cache: KVCache | None = None
+        self._pending: dict[int, list[torch.Tensor]] = {}  # slot -> features not yet in the context cache
+
+    def setup(self, num_slots: int, max_seq_len: int, block_size: int) -> None:
+        args = self.config.layer_args
+        dtype = self.model.fc.weight.dtype
+        # Headroom: a row's padded context update may run past its length by up to a block.
+        self.cache = build_kv_cache(self.config.num_draft_layers, num_slots, max_seq_len, args.num_kv_heads,
+                                    args.head_dim, dtype, headroom=max(block_size, self.config.block_size) + 2)
+
+    def begin(self, slot: int, prompt_ids: list[int], features: torch.Tensor | None) -> None:
+        self.cache.lengths[slot] = 0
+        self._pending[slot] = [features]
+
+    def commit(self, slot: int, num_accepted: int, features: torch.Tensor | None) -> None:
+        # The context cache holds only committed tokens (never the block), so nothing rolls back here:
+        # the features of the pending token and the accepted drafts extend it.
+        self._pending.setdefault(slot, []).append(features)
+
+    def release(self, slot: int) -> None:
+        self.cache.lengths[slot] = 0
+        self._pending.pop(slot, None)
+
+    def _absorb(self, slots: list[int]) -> None:
+        """Project pending context features of these slots into every layer's context cache."""
+        rows = [(s, torch.cat(self._pending[s])) for s in slots if self._pending.get(s)]
+        if not rows:
+            return
+        width = max(f.shape[0] for _, f in rows)
+        feats = torch.zeros(len(rows), width, rows[0][1].shape[-1], dtype=rows[0][1].dtype)
+        for i, (_, f) in enumerate(rows):
+            feats[i, : f.shape[0]] = f
+        starts = torch.tensor([self.cache.lengths[s] for s, _ in rows])
+        positions = starts[:, None] + torch.arange(width)
+        ctx = self.model.project_context(feats)
+        cos, sin = self.model.rope(positions, ctx.dtype)
+        slot_index = torch.tensor([s for s, _ in rows])[:, None]
+        for layer_id, layer in enumerate(self.model.layers):
+            k, v = layer.context_kv(ctx, cos, sin)
+            # padded positions write past each row's length: dead space, as in the target cache
+            self.cache.keys[layer_id][slot_index, :, positions] = k.transpose(1, 2).to(self.cache.keys[layer_id].dtype)
+            self.cache.values[layer_id][slot_index, :, positions] = v.transpose(1, 2).to(self.cache.values[layer_id].dtype)
+        for s, f in rows:
+            self.cache.lengths[s] += f.shape[0]
+            self._pending[s] = []
+
+    @torch.inference_mode()
+    def propose(self, requests: list[DraftRequest]) -> list[Proposal]:
+        live = sorted((r for r in requests if r.max_tokens > 0), key=lambda r: r.slot)
+        if not live:
+            return [empty_proposal() for _ in requests]
+        slots = [r.slot for r in live]
+        self._absorb(slots)
+        model, k_len = self.model, self.config.block_size
+        ctx_lens = torch.tensor([self.cache.lengths[s] for s in slots])
+        for r, n in zip(live, ctx_lens.tolist()):
+            assert n == len(r.token_ids) - 1, "context must cover every committed token but the pending one"
+        width = int(ctx_lens.max())
+        anchors = torch.tensor([r.token_ids[-1] for r in live])
+        positions = ctx_lens[:, None] + torch.arange(k_len)
+        dtype = model.fc.weight.dtype
+        cos, sin = model.rope(positions, dtype)
+        ctx_visible = torch.arange(width)[None, :] < ctx_lens[:, None]  # [B, T]
+        mask = torch.cat([ctx_visible[:, None, :].expand(-1, k_len, -1),
+                          torch.ones(len(live), k_len, k_len, dtype=torch.bool)], dim=-1)[:, None]
+        h = model.embed(model.block_inputs(anchors)).to(dtype)
+        slot_t = torch.tensor(slots)
+        for layer_id, layer in enumerate(model.layers):
+            ctx_k = self.cache.keys[layer_id][slot_t, :, :width]
+            ctx_v = self.cache.values[layer_id][slot_t, :, :width]
+            h = layer(h, cos, sin, ctx_k, ctx_v, mask)
+        hidden = model.norm(h)  # [B, K, H]
+        base = model.logits(hidden)  # [B, K, V]
+        tokens, probs, prev = self._sample(base, hidden, anchors, live)
+        conf = self._confidences(hidden, prev)
+        by_slot = {}
+        for row, r in enumerate(live):
+            n = min(r.max_tokens, k_len)
+            by_slot[r.slot] = Proposal(tokens[row, :n], probs[row, :n], None if conf is None else conf[row, :n])
+        return [by_slot.get(r.slot, empty_proposal()) for r in requests]
+
+    def _sample(self, base, hidden, anchors, live):
+        """Left-to-right sampling through the sequential head (or independent slots without one).
+
+        Returns tokens [B, K], the warped probabilities they were drawn from [B, K, V] (these are
+        what verification must use, or the result is not lossless), and previous tokens [B, K].
+        """
+        params = [r.params for r in live]
+        gens = [r.generator for r in live]
+        head = self.model.markov_head
+        k_len = base.shape[1]
+        tokens = torch.empty(len(live), k_len, dtype=torch.long)
+        probs = torch.empty_like(base)
+        prev = anchors.clone()
+        prevs = []
+        state = head.init_state(len(live), hidden) if head is not None else None
+        for k in range(k_len):
+            logits = base[:, k]
+            if head is not None:
+                bias, state = head.step(prev, hidden[:, k], state)
+                logits = logits + bias.float()
+            probs[:, k] = torch.stack([logits_to_probs(logits[i], p) for i, p in enumerate(params)])
+            tokens[:, k] = sample_rows(probs[:, k], params, gens)
+            prevs.append(prev)
+            prev = tokens[:, k]
+        return tokens, probs, torch.stack(prevs, dim=1)
+
+    def _confidences(self, hidden, prev_tokens) -> torch.Tensor | None:
+        logits = self.model.confidence_logits(hidden, prev_tokens)
+        if logits is None:
+            return None
+        temps = self.config.confidence_temperatures
+        if temps:
+            logits = logits / torch.tensor(temps[: logits.shape[-1]], dtype=logits.dtype)
+        return torch.sigmoid(logits)
+
+
+def dflash_config(config: DSparkConfig) -> DSparkConfig:
+    """DFlash = DSpark with both heads off (one code path: comparisons are fair by construction)."""
+    return replace(config, markov_rank=0, confidence_head=False, arch="dflash")

@@ -1,0 +1,115 @@
+"""DSpark's light sequential heads and confidence head (paper eq. 4-7).
+
+A sequential head adds a bias to the parallel backbone's logits at draft slot k that depends on
+the previous token x_{k-1} (the anchor for slot 0; the sampled draft at inference, the ground-truth
+token when teacher-forced in training):
+  vanilla Markov  B_k = W2(W1[x_{k-1}])                                   (eq. 5, rank R)
+  gated Markov    B_k = W2(sigmoid(G([h_k ; W1[x_{k-1}]])) * W1[x_{k-1}])
+  RNN             s_k = g * s_{k-1} + (1 - g) * tanh(c), B_k = W2(tanh(o)),
+                  [g, c, o] = J([s_{k-1} ; W1[x_{k-1}] ; h_k]), g = sigmoid(.)   (eq. 6)
+The confidence head is c_k = sigmoid(w . [h_k ; W1[x_{k-1}]] + b) (eq. 7).
+Parameter names follow DeepSpec's (markov_w1, markov_w2, gate_proj, joint_proj, proj).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+HEAD_TYPES = ("vanilla", "gated", "rnn")
+
+
+class SequentialHead(nn.Module):
+    """Shared W1 (token -> R) and W2 (R -> V). Subclasses define the bias of one step."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, rank: int):
+        super().__init__()
+        self.rank = rank
+        self.markov_w1 = nn.Embedding(vocab_size, rank)
+        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+
+    def init_state(self, batch: int, like: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def step(
+        self, prev_tokens: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """prev_tokens [B]; hidden [B, H] -> (bias [B, V], new state)."""
+        raise NotImplementedError
+
+    def apply_block(self, base_logits: torch.Tensor, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced: base_logits [..., K, V], prev_tokens [..., K], hidden [..., K, H] -> corrected [..., K, V].
+
+        The default unrolls step(); heads without recurrence override it with one batched call.
+        """
+        lead = prev_tokens.shape[:-1]
+        k_len = prev_tokens.shape[-1]
+        flat_prev = prev_tokens.reshape(-1, k_len)
+        flat_hidden = hidden.reshape(-1, k_len, hidden.shape[-1])
+        state = self.init_state(flat_prev.shape[0], flat_hidden)
+        biases = []
+        for k in range(k_len):
+            bias, state = self.step(flat_prev[:, k], flat_hidden[:, k], state)
+            biases.append(bias)
+        return base_logits + torch.stack(biases, dim=1).reshape(*lead, k_len, -1).to(base_logits.dtype)
+
+
+class VanillaMarkovHead(SequentialHead):
+    def step(self, prev_tokens, hidden, state):
+        return self.markov_w2(self.markov_w1(prev_tokens)), state
+
+    def apply_block(self, base_logits, prev_tokens, hidden):
+        return base_logits + self.markov_w2(self.markov_w1(prev_tokens)).to(base_logits.dtype)
+
+
+class GatedMarkovHead(SequentialHead):
+    def __init__(self, vocab_size: int, hidden_size: int, rank: int):
+        super().__init__(vocab_size, hidden_size, rank)
+        self.gate_proj = nn.Linear(hidden_size + rank, rank)
+
+    def _bias(self, prev_tokens, hidden):
+        emb = self.markov_w1(prev_tokens)
+        gate = torch.sigmoid(self.gate_proj(torch.cat([hidden.to(emb.dtype), emb], dim=-1)))
+        return self.markov_w2(gate * emb)
+
+    def step(self, prev_tokens, hidden, state):
+        return self._bias(prev_tokens, hidden), state
+
+    def apply_block(self, base_logits, prev_tokens, hidden):
+        return base_logits + self._bias(prev_tokens, hidden).to(base_logits.dtype)
+
+
+class RNNHead(SequentialHead):
+    def __init__(self, vocab_size: int, hidden_size: int, rank: int):
+        super().__init__(vocab_size, hidden_size, rank)
+        self.joint_proj = nn.Linear(2 * rank + hidden_size, 3 * rank)
+
+    def init_state(self, batch, like):
+        return torch.zeros(batch, self.rank, dtype=self.markov_w1.weight.dtype, device=like.device)
+
+    def step(self, prev_tokens, hidden, state):
+        emb = self.markov_w1(prev_tokens)
+        gate, cand, out = self.joint_proj(torch.cat([state, emb, hidden.to(emb.dtype)], dim=-1)).chunk(3, dim=-1)
+        gate = torch.sigmoid(gate)
+        state = gate * state + (1 - gate) * torch.tanh(cand)
+        return self.markov_w2(torch.tanh(out)), state
+
+
+def build_sequential_head(kind: str, vocab_size: int, hidden_size: int, rank: int) -> SequentialHead | None:
+    if rank == 0:
+        return None
+    heads = {"vanilla": VanillaMarkovHead, "gated": GatedMarkovHead, "rnn": RNNHead}
+    return heads[kind](vocab_size, hidden_size, rank)
+
+
+class ConfidenceHead(nn.Module):
+    """Per-slot acceptance estimate from [h_k ; W1[x_{k-1}]] (W1 shared with the sequential head)."""
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size + rank, 1)
+
+    def logits(self, hidden: torch.Tensor, prev_embedding: torch.Tensor | None) -> torch.Tensor:
+        """hidden [..., H]; prev_embedding [..., R] or None -> confidence logits [...] (fp32)."""
+        features = hidden if prev_embedding is None else torch.cat([hidden, prev_embedding.to(hidden.dtype)], dim=-1)
+        return self.proj(features.to(self.proj.weight.dtype)).squeeze(-1).float()

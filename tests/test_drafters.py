@@ -1,0 +1,237 @@
+"""DSpark / DFlash / Eagle3 drafters: lossless through the engine, head and mask identities,
+checkpoints and target checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from dspark.config import EngineConfig, SamplingParams, StopParams
+from dspark.drafters.base import DraftRequest
+from dspark.drafters.checkpoint import (
+    build_dspark_model, load_drafter, new_dspark_config, parse_overrides, save_drafter,
+)
+from dspark.drafters.dspark import DSparkDrafter, default_target_layer_ids, dflash_config
+from dspark.drafters.eagle3 import Eagle3Drafter, build_eagle3_model, new_eagle3_config
+from dspark.engine.engine import Engine, Request
+from dspark.errors import DSparkError
+from dspark.models.target import load_model, reference_greedy
+from tests.conftest import save_tiny_model
+from tests.test_engine import DIST_CASES, expected_greedy, sampled_tv
+
+PROMPTS = [[0, 5, 6, 7, 5, 6], [0, 9, 10, 11, 12, 9, 10, 11, 12, 9, 10], [0, 20, 21, 20, 21, 20, 22, 20]]
+KINDS = ["dspark-vanilla", "dspark-gated", "dspark-rnn", "dflash", "eagle3"]
+
+
+@pytest.fixture(scope="module")
+def qwen3_target(tiny_dirs):
+    return load_model(str(tiny_dirs["qwen3"]), "fp64")
+
+
+def make(kind: str, target, seed: int = 0, **overrides):
+    if kind == "eagle3":
+        return Eagle3Drafter(build_eagle3_model(new_eagle3_config(target, overrides), target, seed=seed))
+    arch = "dflash" if kind == "dflash" else "dspark"
+    if arch == "dspark":
+        overrides = {"markov_rank": 8, "markov_head_type": kind.split("-")[1], **overrides}
+    return DSparkDrafter(build_dspark_model(new_dspark_config(target, arch, overrides), target, seed=seed))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("block_size", [1, 3, 7])
+def test_greedy_identity_with_random_drafters(qwen3_target, kind, block_size):
+    target = qwen3_target
+    engine = Engine(target, make(kind, target), EngineConfig(block_size=block_size, max_batch_size=3, max_seq_len=64))
+    rng = random.Random(block_size)
+    policy = lambda reqs, props: [rng.randint(0, len(p)) for p in props]  # noqa: E731  (ignores the tokens)
+    requests = [Request(p, stop=StopParams(max_new_tokens=m)) for p, m in zip(PROMPTS, [14, 9, 12])]
+    for run_policy in (None, policy):
+        outs = engine.generate(requests, **({"policy": run_policy} if run_policy else {}))
+        for prompt, m, out in zip(PROMPTS, [14, 9, 12], outs):
+            assert out.token_ids == expected_greedy(target, prompt, m)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_identity_when_drafts_do_get_accepted(vocab4_target, kind):
+    """On a 4-token vocabulary even a random drafter lands drafts, so the accept path is exercised."""
+    target = vocab4_target
+    extra = {} if kind == "eagle3" else {"mask_token_id": 3} if kind == "dflash" else {"mask_token_id": 3, "markov_rank": 4}
+    drafter = make(kind, target, seed=1, **extra)
+    engine = Engine(target, drafter, EngineConfig(block_size=5, max_batch_size=3, max_seq_len=64))
+    prompts = [[0, 2, 3, 2], [0, 3, 3], [0, 2, 2, 3, 2, 3]]
+    stop = StopParams(max_new_tokens=24, ignore_eos=True)
+    outs = engine.generate([Request(p, stop=stop) for p in prompts])
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == reference_greedy(target.model, prompt, 24)
+    assert sum(o.stats.num_accepted for o in outs) > 0
+
+
+# --------------------------------------------------------------------------- distribution (vocab 4)
+@pytest.fixture(scope="module")
+def vocab4_target(tmp_path_factory):
+    root = tmp_path_factory.mktemp("v4d")
+    return load_model(str(save_tiny_model(root / "t", "qwen3", seed=1, vocab_size=4, initializer_range=0.6)), "fp64")
+
+
+@pytest.mark.parametrize(("kind", "case"), [("dspark-vanilla", "T=1"), ("dspark-rnn", "T=1"),
+                                            ("dspark-vanilla", "T=1,top-p=0.8"), ("dspark-rnn", "T=1,top-p=0.8")])
+def test_sequence_distribution_with_sequential_heads(vocab4_target, kind, case):
+    drafter = make(kind, vocab4_target, mask_token_id=3, markov_rank=4)
+    with torch.no_grad():  # make the heads matter: a large random Markov bias
+        drafter.model.markov_head.markov_w2.weight.normal_(0, 2.0)
+    tv, bound = sampled_tv(vocab4_target, drafter, DIST_CASES[case], 20_000, block_size=3)
+    assert tv < bound, f"TV {tv:.4f} >= {bound:.4f} (null mean + 4 sigma: false-failure probability < 1e-4)"
+
+
+# ------------------------------------------------------------------------------------- identities
+def _requests(target, slots_prompts, k, params=SamplingParams(temperature=1.0), seed=0):
+    return [DraftRequest(slot, list(p), k, params, torch.Generator().manual_seed(seed + slot))
+            for slot, p in slots_prompts]
+
+
+def _start(drafter, target, prompts):
+    drafter.setup(4, 64, 7)
+    for slot, prompt in enumerate(prompts):
+        feats = target.model(torch.tensor([prompt[:-1]]), torch.arange(len(prompt) - 1)[None], torch.tensor([0]),
+                             target.build_cache(1, 64, 8), hidden_layers=drafter.feature_layers).hidden_states[0]
+        drafter.begin(slot, prompt[:-1], feats)
+
+
+def test_dspark_with_a_zero_markov_bias_and_no_confidence_equals_dflash(qwen3_target):
+    target = qwen3_target
+    dspark = make("dspark-vanilla", target, seed=3, confidence_head=False)
+    with torch.no_grad():
+        dspark.model.markov_head.markov_w2.weight.zero_()
+    dflash_model = build_dspark_model(dflash_config(dspark.config), target, seed=None)
+    dflash_model.load_state_dict(dspark.model.state_dict(), strict=False)  # same backbone weights
+    dflash = DSparkDrafter(dflash_model)
+    for d in (dspark, dflash):
+        _start(d, target, PROMPTS)
+    a = dspark.propose(_requests(target, enumerate(PROMPTS), 7))
+    b = dflash.propose(_requests(target, enumerate(PROMPTS), 7))
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa.tokens, pb.tokens)
+        torch.testing.assert_close(pa.draft_probs, pb.draft_probs, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("head", ["vanilla", "gated", "rnn"])
+def test_teacher_forced_block_logits_equal_step_by_step(qwen3_target, head):
+    model = make(f"dspark-{head}", qwen3_target, seed=4).model
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 7, qwen3_target.vocab_size, generator=gen, dtype=torch.float64)
+    prev = torch.randint(0, qwen3_target.vocab_size, (3, 7), generator=gen)
+    hidden = torch.randn(3, 7, 32, generator=gen, dtype=torch.float64)
+    block = model.head_logits(base, prev, hidden)
+    state = model.markov_head.init_state(3, hidden)
+    for k in range(7):
+        bias, state = model.markov_head.step(prev[:, k], hidden[:, k], state)
+        torch.testing.assert_close(block[:, k], base[:, k] + bias, atol=1e-12, rtol=1e-12)
+
+
+def test_block_masks_hide_the_anchor_feature_and_other_blocks(qwen3_target):
+    model = make("dspark-vanilla", qwen3_target, seed=5).model
+    gen = torch.Generator().manual_seed(1)
+    feats = torch.randn(1, 12, 32 * len(model.config.target_layer_ids), generator=gen, dtype=torch.float64)
+    anchors_pos = torch.tensor([[4, 8]])
+    anchors_tok = torch.tensor([[7, 9]])
+    ref = model.forward_blocks(feats, anchors_tok, anchors_pos)
+
+    def changed(f=feats, tok=anchors_tok):
+        out = model.forward_blocks(f, tok, anchors_pos)
+        return [not torch.allclose(out[0, b], ref[0, b], atol=1e-12, rtol=0) for b in range(2)]
+
+    at_anchor = feats.clone()
+    at_anchor[0, 4] += 1.0  # block 0's anchor position: invisible to block 0, visible to block 1
+    assert changed(at_anchor) == [False, True]
+    before = feats.clone()
+    before[0, 3] += 1.0
+    assert changed(before) == [True, True]
+    after_all = feats.clone()
+    after_all[0, 8:] += 1.0  # at or after block 1's anchor: no block sees it
+    assert changed(after_all) == [False, False]
+    assert changed(tok=torch.tensor([[11, 9]])) == [True, False]  # blocks never see each other
+
+
+def test_inference_block_equals_teacher_forced_block(qwen3_target):
+    """The per-round inference path (context cache + one block) gives the training path's logits."""
+    target = qwen3_target
+    drafter = make("dspark-gated", target, seed=6)
+    prompt = PROMPTS[1]
+    _start(drafter, target, [prompt])
+    greedy = SamplingParams(temperature=0.0)
+    (prop,) = drafter.propose(_requests(target, [(0, prompt)], 7, greedy))
+    feats = target.model(torch.tensor([prompt]), torch.arange(len(prompt))[None], torch.tensor([0]),
+                         target.build_cache(1, 64, 8), hidden_layers=drafter.feature_layers).hidden_states
+    anchor_pos = torch.tensor([[len(prompt) - 1]])
+    hidden = drafter.model.forward_blocks(feats, torch.tensor([[prompt[-1]]]), anchor_pos)
+    prev = torch.cat([torch.tensor([prompt[-1]]), prop.tokens[:-1]])[None, None]
+    logits = drafter.model.head_logits(drafter.model.logits(hidden), prev, hidden)
+    assert torch.equal(logits[0, 0].argmax(-1), prop.tokens)
+
+
+def test_eagle3_training_time_test_matches_inference_chain(qwen3_target):
+    target = qwen3_target
+    drafter = make("eagle3", target, seed=7)
+    prompt = PROMPTS[2]
+    _start(drafter, target, [prompt])
+    (prop,) = drafter.propose(_requests(target, [(0, prompt)], 4, SamplingParams(temperature=0.0)))
+    seq = list(prompt) + prop.tokens.tolist()
+    feats = target.model(torch.tensor([seq]), torch.arange(len(seq))[None], torch.tensor([0]),
+                         target.build_cache(1, 64, 8), hidden_layers=drafter.feature_layers).hidden_states
+    steps = drafter.model.forward_ttt(feats, torch.tensor([seq]), steps=4)
+    t = len(prompt) - 2  # the last committed pair: features of token t with token t + 1
+    assert [int(steps[k][0, t].argmax()) for k in range(4)] == prop.tokens.tolist()
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("kind", ["dspark-rnn", "dflash", "eagle3"])
+def test_save_then_load_gives_identical_proposals(qwen3_target, tmp_path, kind):
+    target = qwen3_target
+    drafter = make(kind, target, seed=8)
+    save_drafter(drafter.model, tmp_path / "d")
+    loaded = load_drafter(tmp_path / "d", target)
+    for d in (drafter, loaded):
+        _start(d, target, PROMPTS)
+    a = drafter.propose(_requests(target, enumerate(PROMPTS), 5))
+    b = loaded.propose(_requests(target, enumerate(PROMPTS), 5))
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa.tokens, pb.tokens) and torch.equal(pa.draft_probs, pb.draft_probs)
+
+
+def test_loading_against_another_target_names_the_mismatch(qwen3_target, tiny_dirs, tmp_path):
+    save_drafter(make("dspark-vanilla", qwen3_target).model, tmp_path / "d")
+    with pytest.raises(DSparkError, match="architecture 'qwen3'.*has 'llama'"):
+        load_drafter(tmp_path / "d", load_model(str(tiny_dirs["llama"]), "fp64"))
+    same_shape = load_model(str(save_tiny_model(tmp_path / "q3b", "qwen3", seed=9)), "fp64")
+    with pytest.raises(DSparkError, match="fingerprint"):
+        load_drafter(tmp_path / "d", same_shape)
+    assert load_drafter(tmp_path / "d", load_model(str(tiny_dirs["qwen3"]), "fp32"))  # same weights, other dtype
+
+
+def test_saving_never_overwrites_an_existing_folder(qwen3_target, tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(DSparkError, match="already exists"):
+        save_drafter(make("dflash", qwen3_target).model, out)
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_bad_drafter_settings_are_refused(qwen3_target):
+    with pytest.raises(DSparkError, match="unknown drafter setting 'rank'"):
+        parse_overrides(["rank=3"])
+    with pytest.raises(DSparkError, match="markov_head_type 'lstm'"):
+        new_dspark_config(qwen3_target, "dspark", {"markov_head_type": "lstm"})
+    with pytest.raises(DSparkError, match="target_layer_ids"):
+        new_dspark_config(qwen3_target, "dspark", {"target_layer_ids": (1, 0)})
+    with pytest.raises(DSparkError, match="mask_token_id"):
+        new_dspark_config(qwen3_target, "dspark", {"mask_token_id": 10_000})
+
+
+def test_default_target_layers_match_deepspec_for_36_layers():
+    assert default_target_layer_ids(36) == (1, 9, 17, 25, 33)
+    assert default_target_layer_ids(2) == (0, 1)
+    assert len(default_target_layer_ids(30)) == 5
