@@ -198,7 +198,8 @@ def test_save_then_load_gives_identical_proposals(qwen3_target, tmp_path, kind):
     a = drafter.propose(_requests(target, enumerate(PROMPTS), 5))
     b = loaded.propose(_requests(target, enumerate(PROMPTS), 5))
     for pa, pb in zip(a, b):
-        assert torch.equal(pa.tokens, pb.tokens) and torch.equal(pa.draft_probs, pb.draft_probs)
+        assert torch.equal(pa.tokens, pb.tokens)
+        assert (pa.draft_probs is None and pb.draft_probs is None) or torch.equal(pa.draft_probs, pb.draft_probs)
 
 
 def test_loading_against_another_target_names_the_mismatch(qwen3_target, tiny_dirs, tmp_path):
@@ -235,3 +236,57 @@ def test_default_target_layers_match_deepspec_for_36_layers():
     assert default_target_layer_ids(36) == (1, 9, 17, 25, 33)
     assert default_target_layer_ids(2) == (0, 1)
     assert len(default_target_layer_ids(30)) == 5
+
+
+# ---------------------------------------------------------------------------------- DeepSpec import
+def write_deepspec_folder(model, target, folder, embed_scale: float = 1.0, layer_ids=None):
+    """A tiny checkpoint in DeepSpec's released layout: the target's config + drafter fields, and the
+    DSparkModel weight names plus copies of the target's embedding and LM head."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    raw = json.loads((target.model_dir / "config.json").read_text())
+    c = model.config
+    raw.update(architectures=["Qwen3DSparkModel"], num_target_layers=raw["num_hidden_layers"],
+               num_hidden_layers=c.num_draft_layers, block_size=c.block_size, mask_token_id=c.mask_token_id,
+               target_layer_ids=list(layer_ids or c.target_layer_ids), num_anchors=512, markov_rank=c.markov_rank,
+               markov_head_type=c.markov_head_type, enable_confidence_head=c.confidence_head,
+               confidence_head_with_markov=c.confidence_with_markov, tie_word_embeddings=False,
+               layer_types=["full_attention"] * c.num_draft_layers, dtype="bfloat16")
+    (folder / "config.json").write_text(json.dumps(raw))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["embed_tokens.weight"] = target.model.model.embed_tokens.weight.clone() * embed_scale
+    state["lm_head.weight"] = target.model.lm_head.weight.clone()
+    save_file(state, str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["dspark-vanilla", "dflash"])
+def test_deepspec_checkpoint_imports_with_identical_proposals(qwen3_target, tmp_path, kind):
+    target = qwen3_target
+    drafter = make(kind, target, seed=10, block_size=7, num_draft_layers=2)
+    write_deepspec_folder(drafter.model, target, tmp_path / "ds")
+    imported = load_drafter(tmp_path / "ds", target)
+    assert imported.config.arch == ("dflash" if kind == "dflash" else "dspark")
+    assert imported.config.num_draft_layers == 2
+    for d in (drafter, imported):
+        _start(d, target, PROMPTS)
+    for pa, pb in zip(drafter.propose(_requests(target, enumerate(PROMPTS), 7)),
+                      imported.propose(_requests(target, enumerate(PROMPTS), 7))):
+        assert torch.equal(pa.tokens, pb.tokens)
+        assert (pa.draft_probs is None and pb.draft_probs is None) or torch.equal(pa.draft_probs, pb.draft_probs)
+        assert (pa.confidences is None) == (pb.confidences is None)
+
+
+def test_deepspec_checkpoint_for_another_target_or_embedding_layer_is_refused(qwen3_target, tiny_dirs, tmp_path):
+    drafter = make("dspark-vanilla", qwen3_target, seed=11)
+    write_deepspec_folder(drafter.model, qwen3_target, tmp_path / "other", embed_scale=2.0)
+    with pytest.raises(DSparkError, match="embed_tokens.weight differs"):
+        load_drafter(tmp_path / "other", qwen3_target)
+    write_deepspec_folder(drafter.model, qwen3_target, tmp_path / "emb", layer_ids=[-1, 1])
+    with pytest.raises(DSparkError, match="-1"):
+        load_drafter(tmp_path / "emb", qwen3_target)
+    write_deepspec_folder(drafter.model, qwen3_target, tmp_path / "ok")
+    with pytest.raises(DSparkError, match="model_type 'qwen3'.*'llama'"):
+        load_drafter(tmp_path / "ok", load_model(str(tiny_dirs["llama"]), "fp64"))

@@ -48,3 +48,16 @@ def test_top_k_then_top_p_compose():
 def test_bad_sampling_params_are_rejected_with_the_value(kwargs):
     with pytest.raises(DSparkError, match=str(list(kwargs.values())[0])):
         SamplingParams(**kwargs)
+
+
+def test_inverse_cdf_sampler_matches_probabilities_and_skips_zeros():
+    from dspark.sampling import sample
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    n = 40_000
+    counts = torch.bincount(torch.tensor([sample(probs, gen) for _ in range(n)]), minlength=6).double() / n
+    assert counts[[0, 2, 5]].sum() == 0
+    sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((counts - probs.double()).abs() <= 5 * sigma + 1e-12).all(), f"{counts} vs {probs} (5 sigma per cell)"
+    assert sample(torch.tensor([0.0, 0.0, 1.0]), gen) == 2

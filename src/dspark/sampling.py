@@ -49,9 +49,19 @@ def _mask_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
     return logits
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token per row from probs [N, V] -> [N] (int64)."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """Draw one token from probs [V] (need not be normalised) by inverting the CDF with one uniform.
+
+    torch.multinomial draws one exponential per vocabulary entry (~0.7 ms for 49k entries on a CPU);
+    this costs one cumulative sum. A zero-probability token is never drawn: the search returns the
+    first index whose cumulative mass exceeds the uniform, and ties in the CDF come from zeros.
+    """
+    cdf = probs.double().cumsum(0)
+    u = torch.rand(1, generator=generator, dtype=torch.float64) * cdf[-1]
+    index = int(torch.searchsorted(cdf, u, right=True))
+    if index >= cdf.numel():  # u rounded up to the total: take the last token with mass
+        index = int(torch.nonzero(probs > 0)[-1])
+    return index
 
 
 def sample_rows(
@@ -60,10 +70,7 @@ def sample_rows(
     """Draw one token for each row of probs [B, V] with that row's generator; greedy rows take argmax."""
     out = torch.empty(probs.shape[0], dtype=torch.long)
     for row, (row_params, gen) in enumerate(zip(params, generators)):
-        if row_params.greedy:
-            out[row] = probs[row].argmax()
-        else:
-            out[row] = torch.multinomial(probs[row], 1, generator=gen)[0]
+        out[row] = int(probs[row].argmax()) if row_params.greedy else sample(probs[row], gen)
     return out
 
 

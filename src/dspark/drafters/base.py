@@ -34,7 +34,8 @@ class Proposal:
 
     tokens: torch.Tensor  # [k] int64
     # [k, V] probabilities the tokens were drawn from, warped like the target's; None means each token
-    # was chosen deterministically (a point mass), as n-gram lookup does.
+    # was chosen deterministically (a point mass), as n-gram lookup does, or that the request is
+    # greedy (greedy verification compares argmaxes only).
     draft_probs: torch.Tensor | None = None
     confidences: torch.Tensor | None = None  # [k] in [0, 1], optional per-position acceptance estimates
 

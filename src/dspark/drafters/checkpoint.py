@@ -156,9 +156,14 @@ def read_drafter_config(path: str | Path) -> dict:
 
 
 def load_drafter_model(path: str | Path, target: LoadedModel) -> nn.Module:
+    """A drafter model from a dspark folder or an imported DeepSpec folder, checked against the target."""
     from safetensors.torch import load_file
 
+    from dspark.drafters.deepspec import is_deepspec_config, load_deepspec_model
+
     folder = Path(path)
+    if (folder / "config.json").is_file() and is_deepspec_config(json.loads((folder / "config.json").read_text())):
+        return load_deepspec_model(folder, target)
     raw = read_drafter_config(folder)
     if raw["arch"] == "eagle3":
         from dspark.drafters.eagle3 import build_eagle3_model, eagle3_config_from_json

@@ -314,21 +314,24 @@ class DSparkDrafter:
         by_slot = {}
         for row, r in enumerate(live):
             n = min(r.max_tokens, k_len)
-            by_slot[r.slot] = Proposal(tokens[row, :n], probs[row, :n], None if conf is None else conf[row, :n])
+            row_probs = None if probs is None else probs[row, :n]
+            by_slot[r.slot] = Proposal(tokens[row, :n], row_probs, None if conf is None else conf[row, :n])
         return [by_slot.get(r.slot, empty_proposal()) for r in requests]
 
     def _sample(self, base, hidden, anchors, live):
         """Left-to-right sampling through the sequential head (or independent slots without one).
 
-        Returns tokens [B, K], the warped probabilities they were drawn from [B, K, V] (these are
-        what verification must use, or the result is not lossless), and previous tokens [B, K].
+        Returns tokens [B, K], the warped probabilities they were drawn from [B, K, V] (what
+        verification must use, or the result is not lossless; None when every row is greedy, since
+        greedy verification compares argmaxes only), and the previous tokens [B, K].
         """
         params = [r.params for r in live]
         gens = [r.generator for r in live]
+        all_greedy = all(p.greedy for p in params)
         head = self.model.markov_head
         k_len = base.shape[1]
         tokens = torch.empty(len(live), k_len, dtype=torch.long)
-        probs = torch.empty_like(base)
+        probs = None if all_greedy else torch.empty_like(base)
         prev = anchors.clone()
         prevs = []
         state = head.init_state(len(live), hidden) if head is not None else None
@@ -337,8 +340,11 @@ class DSparkDrafter:
             if head is not None:
                 bias, state = head.step(prev, hidden[:, k], state)
                 logits = logits + bias.float()
-            probs[:, k] = torch.stack([logits_to_probs(logits[i], p) for i, p in enumerate(params)])
-            tokens[:, k] = sample_rows(probs[:, k], params, gens)
+            if all_greedy:
+                tokens[:, k] = logits.argmax(-1)
+            else:
+                probs[:, k] = torch.stack([logits_to_probs(logits[i], p) for i, p in enumerate(params)])
+                tokens[:, k] = sample_rows(probs[:, k], params, gens)
             prevs.append(prev)
             prev = tokens[:, k]
         return tokens, probs, torch.stack(prevs, dim=1)

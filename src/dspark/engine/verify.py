@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dspark.config import SamplingParams
-from dspark.sampling import logits_to_probs
+from dspark.sampling import logits_to_probs, sample
 
 # Residual mass below this is treated as zero (target == draft at that position) and the target
 # distribution is used instead, which is then exactly the residual's limit.
@@ -75,7 +75,7 @@ def verify_row(
         dist = residual_probs(target_probs[pos], draft_dist)
     else:
         dist = target_probs[n]
-    return num_accepted, int(torch.multinomial(dist, 1, generator=generator)[0])
+    return num_accepted, sample(dist, generator)
 
 
 def verify_ragged(
