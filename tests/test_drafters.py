@@ -290,3 +290,15 @@ def test_deepspec_checkpoint_for_another_target_or_embedding_layer_is_refused(qw
     write_deepspec_folder(drafter.model, qwen3_target, tmp_path / "ok")
     with pytest.raises(DSparkError, match="model_type 'qwen3'.*'llama'"):
         load_drafter(tmp_path / "ok", load_model(str(tiny_dirs["llama"]), "fp64"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dspark-vanilla", "dspark-rnn"])
+def test_sequence_distribution_with_sequential_heads_200k(vocab4_target, kind):
+    drafter = make(kind, vocab4_target, mask_token_id=3, markov_rank=4)
+    with torch.no_grad():
+        drafter.model.markov_head.markov_w2.weight.normal_(0, 2.0)
+    rng = random.Random(1)
+    policy = lambda reqs, props: [rng.randint(0, len(p)) for p in props]  # noqa: E731
+    tv, bound = sampled_tv(vocab4_target, drafter, DIST_CASES["T=1"], 200_000, block_size=3, policy=policy)
+    assert tv < bound, f"TV {tv:.4f} >= {bound:.4f} (null mean + 4 sigma: false-failure probability < 1e-4)"
