@@ -58,7 +58,10 @@ def save_word_tokenizer(path: Path, vocab_size: int) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<eos>")
-    fast.chat_template = "{% for m in messages %}w2 {{ m['content'] }} w3 {% endfor %}{% if add_generation_prompt %}w4{% endif %}"
+    fast.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}w4 {{ m['content'] }} w3 "
+        "{% else %}w2 {{ m['content'] }} w3 {% endif %}{% endfor %}{% if add_generation_prompt %}w4 {% endif %}"
+    )
     fast.save_pretrained(path)
 
 

@@ -36,7 +36,7 @@ def read_prompts_file(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise DSparkError(f"prompts file {path!r} does not exist")
-    lines = [line for line in file.read_text().splitlines() if line.strip()]
+    lines = [line for line in file.read_text().split("\n") if line.strip()]
     if file.suffix != ".jsonl":
         return lines
     prompts = []
@@ -197,11 +197,75 @@ def run_drafter_info(args) -> int:
     return 0
 
 
+def add_data_parser(sub) -> None:
+    p = sub.add_parser("data", help="training data: answer regeneration")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    regen = dsub.add_parser("regenerate", help="have the target answer prompts (resumable)")
+    regen.add_argument("--target", default="smollm2-135m")
+    regen.add_argument("--prompts", nargs="+", required=True, help="JSONL files or folders (DeepSpec turns, ShareGPT, messages)")
+    regen.add_argument("--out", required=True, help="folder for answers.jsonl (rerun to resume)")
+    regen.add_argument("--endpoint", help="OpenAI-compatible server URL instead of the local engine")
+    regen.add_argument("--model", default="default", help="model name sent to --endpoint")
+    regen.add_argument("--api-key", help="Bearer token for --endpoint")
+    regen.add_argument("--limit", type=_positive_int, help="only the first N prompts")
+    regen.add_argument("--max-new-tokens", type=_positive_int, default=512)
+    regen.add_argument("--temperature", type=float, default=0.7)
+    regen.add_argument("--top-p", type=float, default=0.8)
+    regen.add_argument("--top-k", type=_non_negative_int, default=20)
+    regen.add_argument("--batch-size", type=_positive_int, default=8)
+    regen.add_argument("--seed", type=int, default=0)
+    regen.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    regen.set_defaults(func=run_regenerate)
+
+
+def run_regenerate(args) -> int:
+    from dspark.data.prompts import read_prompts
+    from dspark.data.regenerate import RegenerateConfig, regenerate_endpoint, regenerate_local
+
+    prompts = read_prompts(args.prompts)[: args.limit]
+    cfg = RegenerateConfig(args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.batch_size, args.seed)
+    if args.endpoint:
+        stats = regenerate_endpoint(args.endpoint, args.model, prompts, args.out, cfg, args.api_key)
+    else:
+        from dspark.models.target import load_model
+
+        stats = regenerate_local(load_model(args.target, args.dtype), prompts, args.out, cfg)
+    print(json.dumps(stats, indent=2))
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    from dspark.train.trainer import PRESETS
+
+    p = sub.add_parser("train", help="train a DSpark or DFlash drafter (resumes from --out)")
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--data", required=True, help="folder with answers.jsonl (dspark data regenerate)")
+    p.add_argument("--out", required=True, help="run folder: step_N/ drafter folders, latest, train_log.jsonl")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a training setting (e.g. max_steps=100, lr=1e-3) or a drafter setting (drafter.markov_rank=32)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="dtype of the frozen target")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    from dspark.models.target import load_model
+    from dspark.train.trainer import Trainer, apply_overrides, get_preset
+
+    cfg = apply_overrides(get_preset(args.preset), args.set)
+    trainer = Trainer(load_model(args.target, args.dtype), cfg, args.data, args.out)
+    final = trainer.run()
+    print(f"trained {trainer.step} steps; drafter folder: {final}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark", description="Lossless speculative decoding with DSpark drafters")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(sub)
     add_drafter_parser(sub)
+    add_data_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

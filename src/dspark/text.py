@@ -12,10 +12,15 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None)
     """Token ids of a prompt; with `chat`, the user turn rendered by the tokenizer's chat template."""
     if not chat:
         return list(tokenizer.encode(prompt, add_special_tokens=True))
-    if not getattr(tokenizer, "chat_template", None):
-        raise DSparkError("--chat was given, but the tokenizer has no chat template; drop --chat")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return encode_messages(tokenizer, messages)
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation rendered by the chat template, ending with the assistant header."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DSparkError("the tokenizer has no chat template; drop --chat")
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
     # The template already wrote any special tokens it wants.
     return list(tokenizer.encode(text, add_special_tokens=False))
 

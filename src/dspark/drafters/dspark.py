@@ -139,7 +139,8 @@ class TargetSharingModel(nn.Module):
     def __init__(self, embed: nn.Embedding, lm_head: nn.Linear, inv_freq: torch.Tensor, rope_scale: float):
         super().__init__()
         self._shared = (embed, lm_head)
-        self.register_buffer("inv_freq", inv_freq.double(), persistent=False)
+        # Kept out of the module's buffers so .to(bf16) / .float() never round the frequencies.
+        self._inv_freq = (inv_freq.double(),)
         self.rope_scale = rope_scale
 
     @property
@@ -151,7 +152,7 @@ class TargetSharingModel(nn.Module):
         return self._shared[1]
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_tables(positions, self.inv_freq, self.rope_scale, dtype)
+        return rope_tables(positions, self._inv_freq[0].to(positions.device), self.rope_scale, dtype)
 
 
 class DSparkModel(TargetSharingModel):

@@ -20,7 +20,9 @@ HEAD_TYPES = ("vanilla", "gated", "rnn")
 
 
 class SequentialHead(nn.Module):
-    """Shared W1 (token -> R) and W2 (R -> V). Subclasses define the bias of one step."""
+    """Shared W1 (token -> R) and W2 (R -> V). A head maps (x_{k-1}, h_k, state) to a rank-R feature
+    u_k; its logit bias is W2(u_k). Keeping the vocabulary-sized part linear in u lets training
+    compute it in chunks."""
 
     def __init__(self, vocab_size: int, hidden_size: int, rank: int):
         super().__init__()
@@ -31,35 +33,42 @@ class SequentialHead(nn.Module):
     def init_state(self, batch: int, like: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def step(
+    def step_features(
         self, prev_tokens: torch.Tensor, hidden: torch.Tensor, state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """prev_tokens [B]; hidden [B, H] -> (bias [B, V], new state)."""
+        """prev_tokens [B]; hidden [B, H] -> (u [B, R], new state)."""
         raise NotImplementedError
 
-    def apply_block(self, base_logits: torch.Tensor, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced: base_logits [..., K, V], prev_tokens [..., K], hidden [..., K, H] -> corrected [..., K, V].
+    def step(self, prev_tokens, hidden, state):
+        """One left-to-right step: (bias [B, V], new state)."""
+        u, state = self.step_features(prev_tokens, hidden, state)
+        return self.markov_w2(u), state
 
-        The default unrolls step(); heads without recurrence override it with one batched call.
-        """
-        lead = prev_tokens.shape[:-1]
-        k_len = prev_tokens.shape[-1]
+    def block_features(self, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced: prev_tokens [..., K], hidden [..., K, H] -> u [..., K, R].
+
+        The default unrolls step_features; heads without recurrence override it with one call."""
+        lead, k_len = prev_tokens.shape[:-1], prev_tokens.shape[-1]
         flat_prev = prev_tokens.reshape(-1, k_len)
         flat_hidden = hidden.reshape(-1, k_len, hidden.shape[-1])
         state = self.init_state(flat_prev.shape[0], flat_hidden)
-        biases = []
+        feats = []
         for k in range(k_len):
-            bias, state = self.step(flat_prev[:, k], flat_hidden[:, k], state)
-            biases.append(bias)
-        return base_logits + torch.stack(biases, dim=1).reshape(*lead, k_len, -1).to(base_logits.dtype)
+            u, state = self.step_features(flat_prev[:, k], flat_hidden[:, k], state)
+            feats.append(u)
+        return torch.stack(feats, dim=1).reshape(*lead, k_len, self.rank)
+
+    def apply_block(self, base_logits: torch.Tensor, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced corrected logits: base_logits [..., K, V] + W2(u) -> [..., K, V]."""
+        return base_logits + self.markov_w2(self.block_features(prev_tokens, hidden)).to(base_logits.dtype)
 
 
 class VanillaMarkovHead(SequentialHead):
-    def step(self, prev_tokens, hidden, state):
-        return self.markov_w2(self.markov_w1(prev_tokens)), state
+    def step_features(self, prev_tokens, hidden, state):
+        return self.markov_w1(prev_tokens), state
 
-    def apply_block(self, base_logits, prev_tokens, hidden):
-        return base_logits + self.markov_w2(self.markov_w1(prev_tokens)).to(base_logits.dtype)
+    def block_features(self, prev_tokens, hidden):
+        return self.markov_w1(prev_tokens)
 
 
 class GatedMarkovHead(SequentialHead):
@@ -67,16 +76,15 @@ class GatedMarkovHead(SequentialHead):
         super().__init__(vocab_size, hidden_size, rank)
         self.gate_proj = nn.Linear(hidden_size + rank, rank)
 
-    def _bias(self, prev_tokens, hidden):
+    def _features(self, prev_tokens, hidden):
         emb = self.markov_w1(prev_tokens)
-        gate = torch.sigmoid(self.gate_proj(torch.cat([hidden.to(emb.dtype), emb], dim=-1)))
-        return self.markov_w2(gate * emb)
+        return torch.sigmoid(self.gate_proj(torch.cat([hidden.to(emb.dtype), emb], dim=-1))) * emb
 
-    def step(self, prev_tokens, hidden, state):
-        return self._bias(prev_tokens, hidden), state
+    def step_features(self, prev_tokens, hidden, state):
+        return self._features(prev_tokens, hidden), state
 
-    def apply_block(self, base_logits, prev_tokens, hidden):
-        return base_logits + self._bias(prev_tokens, hidden).to(base_logits.dtype)
+    def block_features(self, prev_tokens, hidden):
+        return self._features(prev_tokens, hidden)
 
 
 class RNNHead(SequentialHead):
@@ -87,12 +95,12 @@ class RNNHead(SequentialHead):
     def init_state(self, batch, like):
         return torch.zeros(batch, self.rank, dtype=self.markov_w1.weight.dtype, device=like.device)
 
-    def step(self, prev_tokens, hidden, state):
+    def step_features(self, prev_tokens, hidden, state):
         emb = self.markov_w1(prev_tokens)
         gate, cand, out = self.joint_proj(torch.cat([state, emb, hidden.to(emb.dtype)], dim=-1)).chunk(3, dim=-1)
         gate = torch.sigmoid(gate)
         state = gate * state + (1 - gate) * torch.tanh(cand)
-        return self.markov_w2(torch.tanh(out)), state
+        return torch.tanh(out), state
 
 
 def build_sequential_head(kind: str, vocab_size: int, hidden_size: int, rank: int) -> SequentialHead | None:

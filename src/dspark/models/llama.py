@@ -287,8 +287,9 @@ class ForwardContext:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, N, V] or [B, 1, V] (last real token of each row), fp32
+    logits: torch.Tensor | None  # [B, N, V] or [B, 1, V] (last real token of each row), fp32
     hidden_states: torch.Tensor | None  # [B, N, L*hidden]: chosen layers' outputs, concatenated
+    final_hidden: torch.Tensor | None = None  # [B, N, hidden] after the final norm (compute_logits=False)
 
 
 class Transformer(nn.Module):
@@ -360,13 +361,15 @@ class Transformer(nn.Module):
         num_new: torch.Tensor | None = None,
         last_only: bool = False,
         hidden_layers: tuple[int, ...] = (),
+        compute_logits: bool = True,
     ) -> ModelOutput:
         """input_ids/positions [B, N]; slots [B]; num_new [B] real tokens per row (default all N).
 
         Writes K/V of every row's tokens into its slot at their positions (the caller sets the
         committed length afterwards). `hidden_layers` are decoder-layer indices whose outputs are
         returned (Hugging Face's hidden_states[i + 1]). With `last_only`, logits are computed at each
-        row's last real token only.
+        row's last real token only. Without `compute_logits`, the final normed hidden states are
+        returned instead of logits (training recomputes target logits in chunks from them).
         """
         ctx = self.build_context(positions, slots, cache)
         x = self.model.embed_tokens(input_ids)
@@ -381,6 +384,7 @@ class Transformer(nn.Module):
             bsz, n = input_ids.shape
             last = (num_new - 1) if num_new is not None else torch.full((bsz,), n - 1)
             x = x[torch.arange(bsz), last][:, None]
-        logits = self.lm_head(x).float()
         hidden = torch.cat([captured[i] for i in hidden_layers], dim=-1) if hidden_layers else None
-        return ModelOutput(logits=logits, hidden_states=hidden)
+        if not compute_logits:
+            return ModelOutput(logits=None, hidden_states=hidden, final_hidden=x)
+        return ModelOutput(logits=self.lm_head(x).float(), hidden_states=hidden)

@@ -1,0 +1,1 @@
+"""Training data: prompt readers, answer regeneration, tokenisation with assistant loss masks."""

@@ -1,0 +1,110 @@
+"""DSpark losses (paper eq. 9-12; DeepSpec `compute_dspark_loss`, digest §3). Pure functions.
+
+Per supervised slot (weight w_k = exp(-k / gamma), gamma = 4.0 as DeepSpec):
+  CE    cross-entropy of the corrected draft logits against the dataset token;
+  L1    sum_v |p_draft - p_target| (the un-halved total variation, as DeepSpec), both at T = 1,
+        the target distribution recomputed from its final hidden state through the frozen LM head;
+  CONF  BCE-with-logits of the confidence against the detached analytic acceptance
+        1 - L1/2 (clamped to [0, 1]).
+loss = 0.1 CE + 0.9 L1 + 1.0 CONF, each a w-weighted mean. Vocabulary-sized logits exist only for
+one chunk of rows at a time, recomputed in the backward pass (activation checkpointing), so memory
+does not grow with anchors x vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    ce: float = 0.1
+    l1: float = 0.9
+    confidence: float = 1.0
+    decay_gamma: float = 4.0
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar, differentiable
+    ce: float
+    l1: float
+    confidence: float
+    acceptance: torch.Tensor  # [M] detached analytic acceptance per supervised slot
+
+
+def position_weights(block_size: int, gamma: float) -> torch.Tensor:
+    """[K]: exp(-k / gamma) for k = 0..K-1."""
+    return torch.exp(-torch.arange(block_size, dtype=torch.float32) / gamma)
+
+
+def _chunk_terms(hidden, head_feats, target_hidden, labels, lm_head_w, w2):
+    """Per-row CE and L1 for one chunk of rows; vocabulary-sized tensors live only here."""
+    logits = hidden.float() @ lm_head_w.T
+    if head_feats is not None:
+        logits = logits + head_feats.float() @ w2.float().T
+    log_draft = torch.log_softmax(logits, dim=-1)
+    with torch.no_grad():
+        target = torch.softmax(target_hidden.float() @ lm_head_w.T, dim=-1)
+    ce = -log_draft.gather(-1, labels[:, None]).squeeze(-1)
+    l1 = (log_draft.exp() - target).abs().sum(-1)
+    return ce, l1
+
+
+def dspark_loss(
+    hidden: torch.Tensor,
+    head_feats: torch.Tensor | None,
+    conf_logits: torch.Tensor | None,
+    target_hidden: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    lm_head_w: torch.Tensor,
+    w2: torch.Tensor | None,
+    lw: LossWeights,
+    chunk_rows: int = 128,
+) -> LossOutput:
+    """Rows are supervised slots: hidden [M, H] (draft, normed), head_feats [M, R] or None (the
+    sequential head's rank-R features; its logit bias is w2 @ feats), conf_logits [M] or None,
+    target_hidden [M, H] (target final hidden at the predicting position), labels [M],
+    weights [M] (position weights), lm_head_w [V, H] fp32 (frozen), w2 [V, R] or None."""
+    ces, l1s = [], []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        sl = slice(start, start + chunk_rows)
+        feats = head_feats[sl] if head_feats is not None else None
+        if torch.is_grad_enabled():
+            ce, l1 = checkpoint(_chunk_terms, hidden[sl], feats, target_hidden[sl], labels[sl], lm_head_w, w2,
+                                use_reentrant=False)
+        else:
+            ce, l1 = _chunk_terms(hidden[sl], feats, target_hidden[sl], labels[sl], lm_head_w, w2)
+        ces.append(ce)
+        l1s.append(l1)
+    ce, l1 = torch.cat(ces), torch.cat(l1s)
+    acceptance = (1 - 0.5 * l1.detach()).clamp(0, 1)
+    denom = weights.sum().clamp_min(1e-6)
+    ce_mean = (weights * ce).sum() / denom
+    l1_mean = (weights * l1).sum() / denom
+    loss = lw.ce * ce_mean + lw.l1 * l1_mean
+    conf_mean = torch.zeros(())
+    if conf_logits is not None and lw.confidence > 0:
+        bce = F.binary_cross_entropy_with_logits(conf_logits.float(), acceptance, reduction="none")
+        conf_mean = (weights * bce).sum() / denom
+        loss = loss + lw.confidence * conf_mean
+    return LossOutput(loss, float(ce_mean.detach()), float(l1_mean.detach()), float(conf_mean.detach()), acceptance)
+
+
+def expected_accept_length(acceptance: torch.Tensor, label_mask: torch.Tensor) -> float:
+    """Running tau estimate: mean over kept blocks of 1 + sum_k prod_{i<=k} acc_i (analytic, T = 1).
+
+    acceptance [M] in the row order of label_mask [N, K].nonzero(); label_mask [N, K] bool.
+    """
+    acc = torch.zeros(label_mask.shape, dtype=torch.float32)
+    acc[label_mask] = acceptance.float()
+    blocks = label_mask.any(dim=1)
+    if not bool(blocks.any()):
+        return math.nan
+    return float((1 + acc.cumprod(dim=1).sum(dim=1))[blocks].mean())

@@ -1,0 +1,288 @@
+"""The DSpark/DFlash trainer: frozen target (online features), shared frozen embedding and LM head,
+AdamW with warmup + cosine, gradient clipping and accumulation, checkpoints in the drafter folder
+format plus optimizer / RNG / data position for exact resume, JSONL logs and a progress bar with the
+loss and a running tau estimate.
+
+Checkpoints: OUT/step_<N>/ is a drafter folder (config.json + model.safetensors) with
+trainer_state.json and optimizer.pt beside it; OUT/latest names the newest complete one (written
+last, atomically), so a run killed mid-save resumes from the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dspark.data.regenerate import read_answers
+from dspark.data.tokenize import tokenize_conversation
+from dspark.drafters.checkpoint import build_dspark_model, load_drafter_model, new_dspark_config, save_drafter
+from dspark.drafters.dspark import DSparkModel
+from dspark.errors import DSparkError
+from dspark.models.target import LoadedModel
+from dspark.train.anchors import Blocks, sample_blocks
+from dspark.train.losses import LossOutput, LossWeights, dspark_loss, expected_accept_length, position_weights
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arch: str = "dspark"  # dspark | dflash
+    drafter: dict = field(default_factory=dict)  # settings for the new drafter (see `dspark drafter init`)
+    max_length: int = 1024
+    num_anchors: int = 64
+    lr: float = 6e-4
+    warmup_ratio: float = 0.04
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_accum: int = 8  # sequences per optimizer step
+    epochs: int = 1
+    max_steps: int = 0  # 0: epochs x sequences / grad_accum
+    loss: LossWeights = field(default_factory=LossWeights)
+    save_every: int = 50
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("dspark", "dflash"):
+            raise DSparkError(f"training arch {self.arch!r} is not supported; supported: dspark, dflash "
+                              "(eagle3 training is not implemented yet)")
+        for name in ("max_length", "num_anchors", "grad_accum", "epochs", "save_every"):
+            if getattr(self, name) <= 0:
+                raise DSparkError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+
+def preset_tiny() -> TrainConfig:
+    """For tests: tiny blocks, few anchors, a save every 2 steps."""
+    return TrainConfig(drafter={"block_size": 4, "markov_rank": 8}, max_length=64, num_anchors=8, lr=3e-3,
+                       warmup_ratio=0.0, grad_accum=1, save_every=2)
+
+
+def preset_dspark_smollm2() -> TrainConfig:
+    """SmolLM2-135M on a CPU: 1 draft layer, block 7, Markov rank 64 (256 would cost a fifth of a
+    decode round at batch 1 on a 49k vocabulary, see benchmarks/bench_drafters.py)."""
+    return TrainConfig(drafter={"num_draft_layers": 1, "block_size": 7, "markov_rank": 64}, max_length=1024,
+                       num_anchors=64, lr=1e-3, grad_accum=8, save_every=50)
+
+
+def preset_dflash_smollm2() -> TrainConfig:
+    """DFlash as DeepSpec trains it: the same backbone, no heads, CE only (position-weighted)."""
+    base = preset_dspark_smollm2()
+    return replace(base, arch="dflash", drafter={"num_draft_layers": 1, "block_size": 7},
+                   loss=LossWeights(ce=1.0, l1=0.0, confidence=0.0))
+
+
+def preset_dspark_qwen3_4b() -> TrainConfig:
+    """DeepSpec's Qwen3-4B setting (GPU): 5 layers over target layers [1, 9, 17, 25, 33], block 7,
+    rank 256, 512 anchors, mask id 151669, lr 6e-4, global batch 512 sequences, 10 epochs."""
+    return TrainConfig(drafter={"num_draft_layers": 5, "block_size": 7, "markov_rank": 256, "mask_token_id": 151669,
+                                "target_layer_ids": (1, 9, 17, 25, 33)},
+                       max_length=4096, num_anchors=512, lr=6e-4, grad_accum=512, epochs=10, save_every=3000)
+
+
+PRESETS = {
+    "tiny": preset_tiny,
+    "dspark-smollm2-135m": preset_dspark_smollm2,
+    "dflash-smollm2-135m": preset_dflash_smollm2,
+    "dspark-qwen3-4b": preset_dspark_qwen3_4b,
+}
+
+
+def get_preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise DSparkError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
+    """`key=value` (training settings) and `drafter.key=value` (drafter settings); values parsed as JSON."""
+    from dspark.drafters.checkpoint import parse_overrides
+
+    top, drafter = {}, dict(cfg.drafter)
+    fields = {f for f in TrainConfig.__dataclass_fields__ if f not in ("drafter", "loss")}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise DSparkError(f"--set expects key=value, got {pair!r}")
+        if key.startswith("drafter."):
+            drafter.update(parse_overrides([f"{key.removeprefix('drafter.')}={raw}"]))
+        elif key.startswith("loss."):
+            name = key.removeprefix("loss.")
+            if name not in LossWeights.__dataclass_fields__:
+                raise DSparkError(f"unknown loss setting {name!r}; settable: {', '.join(LossWeights.__dataclass_fields__)}")
+            top["loss"] = replace(top.get("loss", cfg.loss), **{name: float(raw)})
+        elif key in fields:
+            try:
+                top[key] = type(getattr(cfg, key))(json.loads(raw))
+            except (json.JSONDecodeError, TypeError, ValueError):
+                raise DSparkError(f"{key}={raw!r} is not a valid {type(getattr(cfg, key)).__name__}") from None
+        else:
+            raise DSparkError(f"unknown training setting {key!r}; settable: {', '.join(sorted(fields))}, "
+                              "drafter.<setting>, loss.<weight>")
+    return replace(cfg, drafter=drafter, **top)
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup then cosine to zero (DeepSpec's schedule)."""
+    warmup = int(cfg.warmup_ratio * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Sequence:
+    input_ids: torch.Tensor  # [S]
+    loss_mask: torch.Tensor  # [S]
+
+
+def load_sequences(data_dir: str | Path, tokenizer, max_length: int) -> list[Sequence]:
+    seqs = []
+    for record in read_answers(data_dir):
+        conv = tokenize_conversation(tokenizer, record["messages"], max_length)
+        if sum(conv.loss_mask) >= 2:
+            seqs.append(Sequence(torch.tensor(conv.input_ids), torch.tensor(conv.loss_mask)))
+    if not seqs:
+        raise DSparkError(f"{data_dir} has no answers with at least two assistant tokens")
+    return seqs
+
+
+@torch.no_grad()
+def target_features(target: LoadedModel, layers: tuple[int, ...], input_ids: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online features: ([S, L*H] chosen layers' outputs, [S, H] final normed hidden) of one sequence."""
+    seq = input_ids.numel()
+    out = target.model(input_ids[None], torch.arange(seq)[None], torch.tensor([0]), cache,
+                       hidden_layers=layers, compute_logits=False)
+    return out.hidden_states[0], out.final_hidden[0]
+
+
+def block_loss(model: DSparkModel, blocks: Blocks, features: torch.Tensor, final_hidden: torch.Tensor,
+               lm_head_w: torch.Tensor, cfg: TrainConfig) -> LossOutput:
+    """Loss of one sequence's blocks (teacher forcing)."""
+    hidden = model.forward_blocks(features[None], blocks.anchor_tokens[None], blocks.anchor_positions[None],
+                                  blocks.keep[None])[0]  # [N, K, H]
+    rows = blocks.label_mask
+    weights = position_weights(model.config.block_size, cfg.loss.decay_gamma).expand_as(rows)[rows]
+    head = model.markov_head
+    feats = head.block_features(blocks.prev_tokens, hidden)[rows] if head is not None else None
+    conf = model.confidence_logits(hidden, blocks.prev_tokens)
+    return dspark_loss(hidden[rows], feats, conf[rows] if conf is not None else None,
+                       final_hidden[blocks.target_positions[rows]], blocks.labels[rows], weights, lm_head_w,
+                       head.markov_w2.weight if head is not None else None, cfg.loss)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, target: LoadedModel, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path):
+        self.target, self.cfg = target, cfg
+        self.out = Path(out_dir)
+        self.sequences = load_sequences(data_dir, target.tokenizer, cfg.max_length)
+        self.lm_head_w = target.model.lm_head.weight.detach().float()
+        self.cache = target.build_cache(1, cfg.max_length, headroom=0)
+        per_epoch = math.ceil(len(self.sequences) / cfg.grad_accum)
+        self.total_steps = cfg.max_steps or cfg.epochs * per_epoch
+        self.step, self.epoch, self.index = 0, 0, 0
+        self.anchor_gen = torch.Generator().manual_seed(cfg.seed)
+        latest = self.out / "latest"
+        if latest.is_file():
+            self._resume(self.out / latest.read_text().strip())
+        else:
+            config = new_dspark_config(target, cfg.arch, dict(cfg.drafter))
+            self.model = self._trainable(build_dspark_model(config, target, seed=cfg.seed))
+            self.optimizer = self._optimizer()
+
+    def _trainable(self, model: DSparkModel) -> DSparkModel:
+        return model.float().train().requires_grad_(True)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def _resume(self, ckpt: Path) -> None:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if state["train_config"] != _jsonable(self.cfg):
+            raise DSparkError(f"{self.out} holds a run with other settings; use a new --out (nothing was changed)")
+        self.model = self._trainable(load_drafter_model(ckpt, self.target))
+        self.optimizer = self._optimizer()
+        extra = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.anchor_gen.set_state(extra["anchor_rng"])
+        self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
+
+    def _next_sequence(self) -> Sequence:
+        order = torch.randperm(len(self.sequences), generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch))
+        seq = self.sequences[int(order[self.index])]
+        self.index += 1
+        if self.index == len(self.sequences):
+            self.epoch, self.index = self.epoch + 1, 0
+        return seq
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum sequences; returns its metrics."""
+        cfg, model = self.cfg, self.model
+        lr = lr_at(self.step, self.total_steps, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        totals = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "confidence": 0.0}
+        taus = []
+        for _ in range(cfg.grad_accum):
+            seq = self._next_sequence()
+            features, final_hidden = target_features(self.target, model.config.target_layer_ids, seq.input_ids, self.cache)
+            blocks = sample_blocks(seq.input_ids, seq.loss_mask, cfg.num_anchors, model.config.block_size, self.anchor_gen)
+            if not bool(blocks.label_mask.any()):
+                continue
+            out = block_loss(model, blocks, features, final_hidden, self.lm_head_w, cfg)
+            (out.loss / cfg.grad_accum).backward()
+            totals["loss"] += float(out.loss) / cfg.grad_accum
+            for key in ("ce", "l1", "confidence"):
+                totals[key] += getattr(out, key) / cfg.grad_accum
+            taus.append(expected_accept_length(out.acceptance, blocks.label_mask))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, **totals, "tau_estimate": sum(taus) / len(taus) if taus else math.nan,
+                "lr": lr, "grad_norm": float(grad_norm)}
+
+    def save(self) -> Path:
+        ckpt = self.out / f"step_{self.step}"
+        save_drafter(self.model, ckpt, overwrite=True)
+        torch.save({"optimizer": self.optimizer.state_dict(), "anchor_rng": self.anchor_gen.get_state()}, ckpt / "optimizer.pt")
+        state = {"step": self.step, "epoch": self.epoch, "index": self.index, "total_steps": self.total_steps,
+                 "train_config": _jsonable(self.cfg)}
+        (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        _atomic_write(self.out / "latest", ckpt.name)  # last: only complete checkpoints are named
+        return ckpt
+
+    def run(self, progress: bool = True) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = open(self.out / "train_log.jsonl", "a", encoding="utf-8")
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not progress)
+        try:
+            while self.step < self.total_steps:
+                start = time.perf_counter()
+                metrics = self.train_step()
+                metrics["seconds"] = time.perf_counter() - start
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tau=f"{metrics['tau_estimate']:.2f}")
+                if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
+                    self.save()
+        finally:
+            bar.close()
+            log.close()
+        return self.out / (self.out / "latest").read_text().strip()
+
+
+def _jsonable(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=list))

@@ -1,0 +1,261 @@
+"""Training data and training: prompt readers, regeneration (resumable, local and endpoint),
+assistant loss masks, anchors, losses against hand-computed values, the trainer (loss falls, exact
+resume, the result is a lossless drafter folder) and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+import torch
+
+from dspark.cli import main
+from dspark.config import EngineConfig, StopParams
+from dspark.data.prompts import PromptRecord, read_prompts
+from dspark.data.regenerate import ANSWERS_FILE, RegenerateConfig, read_answers, regenerate_endpoint, regenerate_local
+from dspark.data.tokenize import tokenize_conversation
+from dspark.drafters.checkpoint import load_drafter
+from dspark.engine.engine import Engine, Request
+from dspark.errors import DSparkError
+from dspark.models.target import load_model, reference_greedy
+from dspark.train.anchors import sample_blocks
+from dspark.train.losses import LossWeights, dspark_loss, expected_accept_length, position_weights
+from dspark.train.trainer import Trainer, apply_overrides, preset_tiny
+from tests.conftest import SHARED_DATA
+
+GREEDY = RegenerateConfig(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=40, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def target(tiny_dirs):
+    return load_model(str(tiny_dirs["qwen3"]), "fp32")
+
+
+def prompts(n: int) -> list[PromptRecord]:
+    return [PromptRecord(f"p:{i}", ({"role": "user", "content": f"w{5 + i} w{9 + i} w{30 + i}"},)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def greedy_data(target, tmp_path_factory):
+    out = tmp_path_factory.mktemp("answers")
+    regenerate_local(target, prompts(2), out, GREEDY, progress=False)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ data
+def test_prompt_readers_accept_deepspec_sharegpt_and_openai_messages(tmp_path):
+    file = tmp_path / "mixed.jsonl"
+    file.write_text("\n".join([
+        json.dumps({"turns": ["first", "second"]}),
+        json.dumps({"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"},
+                                      {"from": "gpt", "value": "hello"}]}),
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+    ]))
+    records = read_prompts([file])
+    assert [r.id for r in records] == ["mixed:1", "mixed:2", "mixed:3"]
+    assert records[0].messages == ({"role": "user", "content": "first"},)
+    assert records[1].messages == ({"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"})
+    assert records[2].first_user_turn == "q"
+
+
+def test_prompt_readers_name_the_bad_line(tmp_path):
+    file = tmp_path / "bad.jsonl"
+    file.write_text(json.dumps({"turns": ["ok"]}) + "\n" + json.dumps({"text": "no turns"}) + "\n")
+    with pytest.raises(DSparkError, match="bad.jsonl:2"):
+        read_prompts([file])
+    with pytest.raises(DSparkError, match="does not exist"):
+        read_prompts([tmp_path / "missing.jsonl"])
+
+
+def test_shared_training_prompts_parse():
+    folder = SHARED_DATA / "train"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent (the shared prompt sets live beside the repository)")
+    records = read_prompts([folder])
+    assert len(records) > 2000 and all(r.first_user_turn for r in records[:50])
+
+
+def test_loss_mask_covers_assistant_tokens_and_end_of_turn_only(target):
+    messages = [{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w7 w8 w9"}]
+    conv = tokenize_conversation(target.tokenizer, messages, 64)
+    words = target.tokenizer.convert_ids_to_tokens(conv.input_ids)
+    assert words == ["w2", "w5", "w6", "w3", "w4", "w7", "w8", "w9", "w3"]
+    assert conv.loss_mask == [0, 0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_regeneration_resumes_after_a_kill_without_loss_or_duplicates(target, tmp_path):
+    cfg = RegenerateConfig(temperature=0.9, top_p=0.95, top_k=0, max_new_tokens=12, batch_size=2)
+    full = tmp_path / "full"
+    regenerate_local(target, prompts(5), full, cfg, progress=False)
+    reference = {r["id"]: r for r in read_answers(full)}
+    # A kill mid-write: two complete lines and a torn third one.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    lines = (full / ANSWERS_FILE).read_text().splitlines(keepends=True)
+    (killed / ANSWERS_FILE).write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
+    stats = regenerate_local(target, prompts(5), killed, cfg, progress=False)
+    assert stats["already_done"] == 2 and stats["written"] == 3
+    resumed = read_answers(killed)
+    assert sorted(r["id"] for r in resumed) == sorted(reference)  # nothing lost, nothing twice
+    for record in resumed:  # seeds derive from ids: the resumed run answers as the full one did
+        assert record["messages"] == reference[record["id"]]["messages"]
+    assert regenerate_local(target, prompts(5), killed, cfg, progress=False)["written"] == 0
+
+
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert self.path == "/v1/chat/completions" and body["temperature"] == 0.7
+        reply = {"choices": [{"message": {"role": "assistant", "content": "answer to " + body["messages"][-1]["content"]},
+                              "finish_reason": "stop"}], "usage": {"completion_tokens": 3}}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_regeneration_through_an_openai_compatible_endpoint(tmp_path):
+    server = HTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        stats = regenerate_endpoint(url, "m", prompts(3), tmp_path, RegenerateConfig(batch_size=2), progress=False)
+    finally:
+        server.shutdown()
+    assert stats["written"] == 3 and stats["tokens"] == 9
+    answers = {r["id"]: r["messages"][-1]["content"] for r in read_answers(tmp_path)}
+    assert answers["p:1"] == "answer to w6 w10 w31"
+
+
+# --------------------------------------------------------------------------------- anchors, losses
+def test_anchor_sampling_invariants():
+    ids = torch.arange(100, 120)
+    mask = torch.tensor([0] * 5 + [1] * 8 + [0] * 2 + [1] * 5)
+    blocks = sample_blocks(ids, mask, num_anchors=16, block_size=4, generator=torch.Generator().manual_seed(0))
+    kept = blocks.anchor_positions[blocks.keep]
+    valid = {p for p in range(19) if mask[p] and mask[p + 1]}
+    assert set(kept.tolist()) == valid and kept.tolist() == sorted(kept.tolist())  # all 11 valid, sorted, unique
+    assert not blocks.label_mask[~blocks.keep].any()
+    for n in range(int(blocks.keep.sum())):
+        p = int(blocks.anchor_positions[n])
+        assert blocks.labels[n, 0] == ids[p + 1] and blocks.prev_tokens[n, 0] == ids[p]
+        row = blocks.label_mask[n].tolist()
+        assert row == sorted(row, reverse=True)  # a contiguous prefix
+        expected = 0
+        while expected < 4 and p + expected + 1 < 20 and mask[p + expected + 1]:
+            expected += 1
+        assert sum(row) == expected
+        assert blocks.target_positions[n, 0] == p
+
+
+def test_loss_terms_match_hand_computed_values():
+    lm = torch.eye(3)  # logits = hidden
+    hidden = torch.tensor([[math.log(2.0), 0.0, 0.0], [0.0, 0.0, 0.0]], requires_grad=True)  # p_d = [.5,.25,.25], uniform
+    target_hidden = torch.tensor([[0.0, 0.0, 0.0], [math.log(2.0), 0.0, 0.0]])  # p_t = uniform, [.5,.25,.25]
+    labels = torch.tensor([0, 2])
+    weights = torch.tensor([1.0, 0.5])
+    conf = torch.tensor([0.0, 2.0])
+    lw = LossWeights(ce=0.1, l1=0.9, confidence=1.0)
+    out = dspark_loss(hidden, None, conf, target_hidden, labels, weights, lm, None, lw, chunk_rows=1)
+    l1_row = abs(0.5 - 1 / 3) + 2 * abs(0.25 - 1 / 3)  # = 1/3 for both rows
+    ce = (1.0 * -math.log(0.5) + 0.5 * -math.log(1 / 3)) / 1.5
+    acc = 1 - 0.5 * l1_row
+    bce = lambda z, y: -(y * math.log(1 / (1 + math.exp(-z))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-z))))  # noqa: E731
+    conf_loss = (1.0 * bce(0.0, acc) + 0.5 * bce(2.0, acc)) / 1.5
+    assert out.ce == pytest.approx(ce) and out.l1 == pytest.approx(l1_row) and out.confidence == pytest.approx(conf_loss)
+    assert float(out.loss.detach()) == pytest.approx(0.1 * ce + 0.9 * l1_row + conf_loss)
+    assert torch.allclose(out.acceptance, torch.tensor([acc, acc]))
+    out.loss.backward()
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
+
+
+def test_chunked_loss_equals_one_chunk_with_gradients():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(10, 6, generator=gen, requires_grad=True)
+    feats = torch.randn(10, 3, generator=gen, requires_grad=True)
+    args = (torch.randn(10, 6, generator=gen), torch.randint(0, 11, (10,), generator=gen), torch.rand(10, generator=gen),
+            torch.randn(11, 6, generator=gen))
+    w2 = torch.randn(11, 3, generator=gen, requires_grad=True)
+    results = []
+    for chunk in (3, 100):
+        out = dspark_loss(hidden, feats, None, args[0], args[1], args[2], args[3], w2, LossWeights(), chunk_rows=chunk)
+        grads = torch.autograd.grad(out.loss, (hidden, feats, w2))
+        results.append((float(out.loss.detach()), grads))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_position_weights_and_tau_estimate():
+    torch.testing.assert_close(position_weights(3, 4.0), torch.exp(-torch.tensor([0.0, 0.25, 0.5])))
+    mask = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
+    acc = torch.tensor([0.5, 0.5, 1.0])
+    assert expected_accept_length(acc, mask) == pytest.approx(((1 + 0.5 + 0.25) + (1 + 1.0)) / 2)
+
+
+# ----------------------------------------------------------------------------------------- trainer
+def tiny_config(*extra):
+    # All valid anchors each step (num_anchors > answer length): a fixed batch.
+    return apply_overrides(preset_tiny(), ["num_anchors=64", "lr=0.03", "save_every=2", *extra])
+
+
+def test_loss_halves_on_a_fixed_tiny_batch_in_30_steps(target, greedy_data, tmp_path):
+    """The distillation term (L1 to the target distribution) halves; the total, which also holds the
+    irreducible cross-entropy of sampled labels and the entropy of soft confidence labels, falls by
+    over 40%; the running tau estimate rises."""
+    trainer = Trainer(target, tiny_config("max_steps=30", "grad_accum=2"), greedy_data, tmp_path / "run")
+    metrics = [trainer.train_step() for _ in range(30)]
+    first, last = metrics[0], metrics[-1]
+    assert last["l1"] < 0.5 * first["l1"], [round(m["l1"], 3) for m in metrics]
+    assert last["loss"] < 0.6 * first["loss"], [round(m["loss"], 3) for m in metrics]
+    assert last["tau_estimate"] > first["tau_estimate"] + 0.5
+
+
+def test_resume_gives_the_same_next_loss(target, greedy_data, tmp_path):
+    cfg = tiny_config("max_steps=6")
+    first = Trainer(target, cfg, greedy_data, tmp_path / "run")
+    for _ in range(2):
+        first.train_step()
+    first.save()
+    uninterrupted = first.train_step()["loss"]
+    resumed = Trainer(target, cfg, greedy_data, tmp_path / "run")
+    assert resumed.step == 2
+    assert resumed.train_step()["loss"] == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
+    with pytest.raises(DSparkError, match="other settings"):
+        Trainer(target, tiny_config("max_steps=7"), greedy_data, tmp_path / "run")
+
+
+def test_a_trained_checkpoint_is_a_lossless_drafter(target, greedy_data, tmp_path):
+    final = Trainer(target, tiny_config("max_steps=4"), greedy_data, tmp_path / "run").run(progress=False)
+    assert final.name == "step_4" and (tmp_path / "run" / "train_log.jsonl").read_text().count("\n") == 4
+    drafter = load_drafter(final, target)
+    engine = Engine(target, drafter, EngineConfig(block_size=4, max_batch_size=2, max_seq_len=64))
+    prompt_ids = [[2, 5, 9, 30, 3, 4], [2, 6, 10, 31, 3, 4]]
+    outs = engine.generate([Request(p, stop=StopParams(max_new_tokens=16, ignore_eos=True)) for p in prompt_ids])
+    for p, out in zip(prompt_ids, outs):
+        assert out.token_ids == reference_greedy(target.model, p, 16)
+
+
+def test_train_and_regenerate_cli(capsys, tiny_dirs, tmp_path):
+    prompt_file = tmp_path / "p.jsonl"
+    prompt_file.write_text("\n".join(json.dumps({"turns": [f"w{i} w{i + 1}"]}) for i in range(5, 8)))
+    data = tmp_path / "data"
+    assert main(["data", "regenerate", "--target", str(tiny_dirs["qwen3"]), "--prompts", str(prompt_file), "--out",
+                 str(data), "--max-new-tokens", "16", "--dtype", "fp32", "--limit", "2"]) == 0
+    assert len(read_answers(data)) == 2
+    assert main(["train", "--target", str(tiny_dirs["qwen3"]), "--preset", "tiny", "--data", str(data), "--out",
+                 str(tmp_path / "run"), "--set", "max_steps=2", "--set", "drafter.markov_head_type=rnn", "--dtype", "fp32"]) == 0
+    assert "step_2" in capsys.readouterr().out
+    assert main(["train", "--preset", "nope", "--data", str(data), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "x"), "--set", "bogus=1"]) == 2
+    assert "unknown training setting 'bogus'" in capsys.readouterr().err
