@@ -253,8 +253,12 @@ def test_train_and_regenerate_cli(capsys, tiny_dirs, tmp_path):
                  str(data), "--max-new-tokens", "16", "--dtype", "fp32", "--limit", "2"]) == 0
     assert len(read_answers(data)) == 2
     assert main(["train", "--target", str(tiny_dirs["qwen3"]), "--preset", "tiny", "--data", str(data), "--out",
-                 str(tmp_path / "run"), "--set", "max_steps=2", "--set", "drafter.markov_head_type=rnn", "--dtype", "fp32"]) == 0
+                 str(tmp_path / "run"), "--set", "max_steps=2", "--set", "drafter.markov_head_type=rnn", "--dtype", "fp32",
+                 "--eval-prompts", str(prompt_file)]) == 0
     assert "step_2" in capsys.readouterr().out
+    evals = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().split("\n")
+             if "eval_accept_length" in line]
+    assert [e["step"] for e in evals] == [2] and evals[0]["eval_accept_length"] >= 1.0
     assert main(["train", "--preset", "nope", "--data", str(data), "--out", str(tmp_path / "x")]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
     assert main(["train", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "x"), "--set", "bogus=1"]) == 2

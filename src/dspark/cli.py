@@ -245,6 +245,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting (e.g. max_steps=100, lr=1e-3) or a drafter setting (drafter.markov_rank=32)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="dtype of the frozen target")
+    p.add_argument("--eval-prompts", nargs="*", default=[],
+                   help="held-out prompt files: at every checkpoint, measure the real accept length on them")
+    p.add_argument("--eval-limit", type=_positive_int, default=8, help="how many held-out prompts")
     p.set_defaults(func=run_train)
 
 
@@ -252,8 +255,14 @@ def run_train(args) -> int:
     from dspark.models.target import load_model
     from dspark.train.trainer import Trainer, apply_overrides, get_preset
 
+    from dspark.data.prompts import read_prompts
+    from dspark.text import encode_messages
+
     cfg = apply_overrides(get_preset(args.preset), args.set)
-    trainer = Trainer(load_model(args.target, args.dtype), cfg, args.data, args.out)
+    target = load_model(args.target, args.dtype)
+    eval_ids = [encode_messages(target.tokenizer, list(p.messages))
+                for p in read_prompts(args.eval_prompts)[: args.eval_limit]] if args.eval_prompts else None
+    trainer = Trainer(target, cfg, args.data, args.out, eval_ids)
     final = trainer.run()
     print(f"trained {trainer.step} steps; drafter folder: {final}")
     return 0

@@ -182,8 +182,28 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def evaluate_acceptance(target: LoadedModel, drafter_dir: Path, prompt_ids: list[list[int]], max_new_tokens: int = 64) -> float:
+    """Real acceptance length of a saved checkpoint through the serving engine (train/serve parity):
+    T = 1 sampling with fixed seeds, tau = committed tokens per verify round."""
+    from dspark.config import EngineConfig, SamplingParams, StopParams
+    from dspark.drafters.checkpoint import load_drafter
+    from dspark.engine.engine import Engine, Request
+
+    drafter = load_drafter(drafter_dir, target)
+    max_len = max(map(len, prompt_ids)) + max_new_tokens
+    engine = Engine(target, drafter, EngineConfig(block_size=drafter.config.block_size,
+                                                  max_batch_size=min(8, len(prompt_ids)), max_seq_len=max_len))
+    requests = [Request(ids, SamplingParams(temperature=1.0, seed=i), StopParams(max_new_tokens))
+                for i, ids in enumerate(prompt_ids)]
+    outs = engine.generate(requests)
+    rounds = sum(o.stats.rounds for o in outs)
+    return sum(o.stats.committed_in_rounds for o in outs) / max(rounds, 1)
+
+
 class Trainer:
-    def __init__(self, target: LoadedModel, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path):
+    def __init__(self, target: LoadedModel, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path,
+                 eval_prompt_ids: list[list[int]] | None = None):
+        self.eval_prompt_ids = eval_prompt_ids or []
         self.target, self.cfg = target, cfg
         self.out = Path(out_dir)
         self.sequences = load_sequences(data_dir, target.tokenizer, cfg.max_length)
@@ -242,7 +262,7 @@ class Trainer:
                 continue
             out = block_loss(model, blocks, features, final_hidden, self.lm_head_w, cfg)
             (out.loss / cfg.grad_accum).backward()
-            totals["loss"] += float(out.loss) / cfg.grad_accum
+            totals["loss"] += float(out.loss.detach()) / cfg.grad_accum
             for key in ("ce", "l1", "confidence"):
                 totals[key] += getattr(out, key) / cfg.grad_accum
             taus.append(expected_accept_length(out.acceptance, blocks.label_mask))
@@ -277,7 +297,12 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tau=f"{metrics['tau_estimate']:.2f}")
                 if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
-                    self.save()
+                    ckpt = self.save()
+                    if self.eval_prompt_ids:
+                        tau = evaluate_acceptance(self.target, ckpt, self.eval_prompt_ids)
+                        log.write(json.dumps({"step": self.step, "eval_accept_length": tau}) + "\n")
+                        log.flush()
+                        bar.write(f"step {self.step}: accept length on held-out prompts {tau:.3f}")
         finally:
             bar.close()
             log.close()
