@@ -263,3 +263,78 @@ def test_train_and_regenerate_cli(capsys, tiny_dirs, tmp_path):
     assert "unknown preset 'nope'" in capsys.readouterr().err
     assert main(["train", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "x"), "--set", "bogus=1"]) == 2
     assert "unknown training setting 'bogus'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- feature cache
+def _cache(target, data, out, **kw):
+    from dspark.data.feature_cache import write_cache
+    from dspark.drafters.checkpoint import new_dspark_config
+    from dspark.train.trainer import load_sequences
+
+    layers = new_dspark_config(target, "dspark", dict(preset_tiny().drafter)).target_layer_ids
+    seqs = load_sequences(data, target.tokenizer, 64)
+    return write_cache(target, seqs, layers, out, progress=False, **kw), seqs, layers
+
+
+def test_cached_features_equal_online_features_and_training_matches(target, greedy_data, tmp_path):
+    from dspark.data.feature_cache import FeatureCache
+    from dspark.train.trainer import target_features
+
+    _, seqs, layers = _cache(target, greedy_data, tmp_path / "cache", dtype="fp32", shard_size=1)
+    cache = FeatureCache(tmp_path / "cache", target, layers)
+    assert len(cache) == len(seqs) == 2
+    kv = target.build_cache(1, 64, headroom=0)
+    for k, seq in enumerate(seqs):
+        cached = cache[k]
+        feats, final = target_features(target, layers, seq.input_ids, kv)
+        assert torch.equal(cached.input_ids, seq.input_ids) and torch.equal(cached.loss_mask, seq.loss_mask)
+        assert torch.equal(cached.features, feats) and torch.equal(cached.final_hidden, final)
+    online = Trainer(target, tiny_config("max_steps=3"), greedy_data, tmp_path / "online")
+    offline = Trainer(target, tiny_config("max_steps=3"), tmp_path / "cache", tmp_path / "offline")
+    for _ in range(3):
+        assert offline.train_step()["loss"] == pytest.approx(online.train_step()["loss"], rel=1e-6)
+
+
+def test_a_cache_for_another_target_or_other_layers_is_refused(target, greedy_data, tiny_dirs, tmp_path):
+    from dspark.data.feature_cache import FeatureCache
+
+    _cache(target, greedy_data, tmp_path / "cache")
+    other = load_model(str(tiny_dirs["llama"]), "fp32")
+    with pytest.raises(DSparkError, match="another target"):
+        FeatureCache(tmp_path / "cache", other, (0, 1))
+    with pytest.raises(DSparkError, match="holds layers"):
+        FeatureCache(tmp_path / "cache", target, (1,))
+
+
+def test_cache_writing_resumes_and_detects_corruption(target, greedy_data, tmp_path):
+    from dspark.data.feature_cache import MANIFEST, FeatureCache
+
+    manifest, _, layers = _cache(target, greedy_data, tmp_path / "cache", shard_size=1)
+    assert len(manifest["shards"]) == 2
+    # A kill after the first shard: the second shard and its manifest entry are missing.
+    (tmp_path / "cache" / manifest["shards"][1]["file"]).unlink()
+    with pytest.raises(DSparkError, match="incomplete"):
+        FeatureCache(tmp_path / "cache", target, layers)
+    resumed, _, _ = _cache(target, greedy_data, tmp_path / "cache", shard_size=1)
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in manifest["shards"]]
+    shard = tmp_path / "cache" / resumed["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DSparkError, match="checksum"):
+        FeatureCache(tmp_path / "cache", target, layers)
+    assert json.loads((tmp_path / "cache" / MANIFEST).read_text())["num_sequences"] == 2
+
+
+def test_cache_cli_prints_the_projected_size_and_compact_form_is_smaller(capsys, tiny_dirs, greedy_data, tmp_path):
+    sizes = {}
+    for dtype in ("bf16", "fp8"):
+        out = tmp_path / dtype
+        assert main(["data", "cache", "--target", str(tiny_dirs["qwen3"]), "--data", str(greedy_data), "--out", str(out),
+                     "--cache-dtype", dtype, "--dtype", "fp32", "--max-length", "64"]) == 0
+        assert "bytes/token" in capsys.readouterr().err
+        sizes[dtype] = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert sizes["fp8"] < 0.7 * sizes["bf16"]
+    assert main(["data", "cache", "--target", str(tiny_dirs["qwen3"]), "--data", str(greedy_data), "--out",
+                 str(tmp_path / "x"), "--layers", "0,7"]) == 2
+    assert "--layers [0, 7]" in capsys.readouterr().err

@@ -216,6 +216,16 @@ def add_data_parser(sub) -> None:
     regen.add_argument("--seed", type=int, default=0)
     regen.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     regen.set_defaults(func=run_regenerate)
+    cache = dsub.add_parser("cache", help="write the target's features of regenerated answers once (resumable)")
+    cache.add_argument("--target", default="smollm2-135m")
+    cache.add_argument("--data", required=True, help="folder with answers.jsonl")
+    cache.add_argument("--out", required=True, help="cache folder (rerun to resume)")
+    cache.add_argument("--layers", help="comma-separated target layer ids (default: the drafters' default)")
+    cache.add_argument("--cache-dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"],
+                       help="feature dtype; fp8 is the compact form (half the bytes, lossy)")
+    cache.add_argument("--max-length", type=_positive_int, default=1024)
+    cache.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="dtype of the target")
+    cache.set_defaults(func=run_cache)
 
 
 def run_regenerate(args) -> int:
@@ -234,13 +244,39 @@ def run_regenerate(args) -> int:
     return 0
 
 
+def run_cache(args) -> int:
+    from dspark.data.feature_cache import bytes_per_token, deepspec_bytes_per_token, write_cache
+    from dspark.drafters.dspark import default_target_layer_ids
+    from dspark.models.target import load_model
+    from dspark.train.trainer import load_sequences
+
+    target = load_model(args.target, args.dtype)
+    hidden, layers = target.model.args.hidden_size, target.model.args.num_layers
+    try:
+        ids = tuple(int(x) for x in args.layers.split(",")) if args.layers else default_target_layer_ids(layers)
+    except ValueError:
+        raise DSparkError(f"--layers expects comma-separated integers, got {args.layers!r}") from None
+    if not all(0 <= i < layers for i in ids):
+        raise DSparkError(f"--layers {list(ids)} must lie in [0, {layers - 1}]")
+    sequences = load_sequences(args.data, target.tokenizer, args.max_length)
+    tokens = sum(s.input_ids.numel() for s in sequences)
+    per_token = bytes_per_token(hidden, len(ids), args.cache_dtype)
+    print(f"{len(sequences)} sequences, {tokens} tokens: {per_token} bytes/token -> {tokens * per_token / 1e6:.1f} MB "
+          f"(DeepSpec's layout: {deepspec_bytes_per_token(hidden)} bytes/token -> "
+          f"{tokens * deepspec_bytes_per_token(hidden) / 1e6:.1f} MB; --cache-dtype fp8 halves it)", file=sys.stderr)
+    manifest = write_cache(target, sequences, ids, args.out, args.cache_dtype)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "shards"} | {"shards": len(manifest["shards"])}, indent=2))
+    return 0
+
+
 def add_train_parser(sub) -> None:
     from dspark.train.trainer import PRESETS
 
     p = sub.add_parser("train", help="train a DSpark or DFlash drafter (resumes from --out)")
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
-    p.add_argument("--data", required=True, help="folder with answers.jsonl (dspark data regenerate)")
+    p.add_argument("--data", required=True,
+                   help="folder with answers.jsonl (features computed online) or a feature cache (dspark data cache)")
     p.add_argument("--out", required=True, help="run folder: step_N/ drafter folders, latest, train_log.jsonl")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting (e.g. max_steps=100, lr=1e-3) or a drafter setting (drafter.markov_rank=32)")

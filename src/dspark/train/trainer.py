@@ -206,10 +206,19 @@ class Trainer:
         self.eval_prompt_ids = eval_prompt_ids or []
         self.target, self.cfg = target, cfg
         self.out = Path(out_dir)
-        self.sequences = load_sequences(data_dir, target.tokenizer, cfg.max_length)
+        self.feature_cache = None
+        if (Path(data_dir) / "manifest.json").is_file():  # a feature cache (dspark data cache)
+            from dspark.data.feature_cache import FeatureCache
+
+            layers = new_dspark_config(target, cfg.arch, dict(cfg.drafter)).target_layer_ids
+            self.feature_cache = FeatureCache(data_dir, target, layers)
+            self.num_sequences = len(self.feature_cache)
+        else:
+            self.sequences = load_sequences(data_dir, target.tokenizer, cfg.max_length)
+            self.num_sequences = len(self.sequences)
+            self.cache = target.build_cache(1, cfg.max_length, headroom=0)
         self.lm_head_w = target.model.lm_head.weight.detach().float()
-        self.cache = target.build_cache(1, cfg.max_length, headroom=0)
-        per_epoch = math.ceil(len(self.sequences) / cfg.grad_accum)
+        per_epoch = math.ceil(self.num_sequences / cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * per_epoch
         self.step, self.epoch, self.index = 0, 0, 0
         self.anchor_gen = torch.Generator().manual_seed(cfg.seed)
@@ -238,13 +247,19 @@ class Trainer:
         self.anchor_gen.set_state(extra["anchor_rng"])
         self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
 
-    def _next_sequence(self) -> Sequence:
-        order = torch.randperm(len(self.sequences), generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch))
-        seq = self.sequences[int(order[self.index])]
+    def _next_sequence(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids [S], loss_mask [S], features [S, L*H], final_hidden [S, H]) of the next sequence."""
+        order = torch.randperm(self.num_sequences, generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch))
+        k = int(order[self.index])
         self.index += 1
-        if self.index == len(self.sequences):
+        if self.index == self.num_sequences:
             self.epoch, self.index = self.epoch + 1, 0
-        return seq
+        if self.feature_cache is not None:
+            c = self.feature_cache[k]
+            return c.input_ids, c.loss_mask, c.features, c.final_hidden
+        seq = self.sequences[k]
+        features, final_hidden = target_features(self.target, self.model.config.target_layer_ids, seq.input_ids, self.cache)
+        return seq.input_ids, seq.loss_mask, features, final_hidden
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum sequences; returns its metrics."""
@@ -255,9 +270,8 @@ class Trainer:
         totals = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "confidence": 0.0}
         taus = []
         for _ in range(cfg.grad_accum):
-            seq = self._next_sequence()
-            features, final_hidden = target_features(self.target, model.config.target_layer_ids, seq.input_ids, self.cache)
-            blocks = sample_blocks(seq.input_ids, seq.loss_mask, cfg.num_anchors, model.config.block_size, self.anchor_gen)
+            input_ids, loss_mask, features, final_hidden = self._next_sequence()
+            blocks = sample_blocks(input_ids, loss_mask, cfg.num_anchors, model.config.block_size, self.anchor_gen)
             if not bool(blocks.label_mask.any()):
                 continue
             out = block_loss(model, blocks, features, final_hidden, self.lm_head_w, cfg)
