@@ -338,3 +338,24 @@ def test_cache_cli_prints_the_projected_size_and_compact_form_is_smaller(capsys,
     assert main(["data", "cache", "--target", str(tiny_dirs["qwen3"]), "--data", str(greedy_data), "--out",
                  str(tmp_path / "x"), "--layers", "0,7"]) == 2
     assert "--layers [0, 7]" in capsys.readouterr().err
+
+
+def test_two_process_gloo_torchrun_smoke(tiny_dirs, greedy_data, tmp_path):
+    """torchrun with 2 CPU processes: gradients averaged over gloo, rank 0 saves, every rank its RNG."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dspark",
+           "train", "--target", str(tiny_dirs["qwen3"]), "--preset", "tiny", "--data", str(greedy_data), "--out", str(run),
+           "--set", "max_steps=2", "--dtype", "fp32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "on 2 process(es)" in proc.stdout
+    ckpt = run / "step_2"
+    assert (ckpt / "rng.rank0.pt").is_file() and (ckpt / "rng.rank1.pt").is_file()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
+    assert len((run / "train_log.jsonl").read_text().strip().split("\n")) == 2
+    target = load_model(str(tiny_dirs["qwen3"]), "fp32")
+    with pytest.raises(DSparkError, match="trained with 2 processes"):
+        Trainer(target, apply_overrides(preset_tiny(), ["max_steps=2"]), greedy_data, run)

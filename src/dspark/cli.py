@@ -289,7 +289,7 @@ def add_train_parser(sub) -> None:
 
 def run_train(args) -> int:
     from dspark.models.target import load_model
-    from dspark.train.trainer import Trainer, apply_overrides, get_preset
+    from dspark.train.trainer import Trainer, apply_overrides, get_preset, init_distributed
 
     from dspark.data.prompts import read_prompts
     from dspark.text import encode_messages
@@ -298,9 +298,17 @@ def run_train(args) -> int:
     target = load_model(args.target, args.dtype)
     eval_ids = [encode_messages(target.tokenizer, list(p.messages))
                 for p in read_prompts(args.eval_prompts)[: args.eval_limit]] if args.eval_prompts else None
-    trainer = Trainer(target, cfg, args.data, args.out, eval_ids)
-    final = trainer.run()
-    print(f"trained {trainer.step} steps; drafter folder: {final}")
+    distributed = init_distributed()
+    try:
+        trainer = Trainer(target, cfg, args.data, args.out, eval_ids)
+        final = trainer.run()
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if trainer.rank == 0:
+        print(f"trained {trainer.step} steps on {trainer.world} process(es); drafter folder: {final}")
     return 0
 
 

@@ -220,8 +220,9 @@ class Trainer:
         self.lm_head_w = target.model.lm_head.weight.detach().float()
         per_epoch = math.ceil(self.num_sequences / cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * per_epoch
+        self.rank, self.world = _rank_and_world()
         self.step, self.epoch, self.index = 0, 0, 0
-        self.anchor_gen = torch.Generator().manual_seed(cfg.seed)
+        self.anchor_gen = torch.Generator().manual_seed(cfg.seed + self.rank)
         latest = self.out / "latest"
         if latest.is_file():
             self._resume(self.out / latest.read_text().strip())
@@ -240,19 +241,22 @@ class Trainer:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         if state["train_config"] != _jsonable(self.cfg):
             raise DSparkError(f"{self.out} holds a run with other settings; use a new --out (nothing was changed)")
+        if state.get("world_size", 1) != self.world:
+            raise DSparkError(f"{self.out} was trained with {state.get('world_size', 1)} processes; resume it with "
+                              f"the same number (got {self.world}) for an exact resume")
         self.model = self._trainable(load_drafter_model(ckpt, self.target))
         self.optimizer = self._optimizer()
-        extra = torch.load(ckpt / "optimizer.pt", weights_only=True)
-        self.optimizer.load_state_dict(extra["optimizer"])
-        self.anchor_gen.set_state(extra["anchor_rng"])
+        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        self.anchor_gen.set_state(torch.load(ckpt / f"rng.rank{self.rank}.pt", weights_only=True))
         self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
 
     def _next_sequence(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids [S], loss_mask [S], features [S, L*H], final_hidden [S, H]) of the next sequence."""
         order = torch.randperm(self.num_sequences, generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch))
-        k = int(order[self.index])
-        self.index += 1
-        if self.index == self.num_sequences:
+        # Each micro-step consumes `world` sequences of the epoch's order; rank r takes the r-th.
+        k = int(order[(self.index + self.rank) % self.num_sequences])
+        self.index += self.world
+        if self.index >= self.num_sequences:
             self.epoch, self.index = self.epoch + 1, 0
         if self.feature_cache is not None:
             c = self.feature_cache[k]
@@ -280,6 +284,17 @@ class Trainer:
             for key in ("ce", "l1", "confidence"):
                 totals[key] += getattr(out, key) / cfg.grad_accum
             taus.append(expected_accept_length(out.acceptance, blocks.label_mask))
+        if self.world > 1:  # data parallel: average gradients and metrics over processes
+            import torch.distributed as dist
+
+            for param in model.parameters():
+                if param.grad is None:  # every rank must join every all-reduce
+                    param.grad = torch.zeros_like(param)
+                dist.all_reduce(param.grad)
+                param.grad /= self.world
+            stats = torch.tensor([totals["loss"], totals["ce"], totals["l1"], totals["confidence"]], dtype=torch.float64)
+            dist.all_reduce(stats)
+            totals = dict(zip(("loss", "ce", "l1", "confidence"), (stats / self.world).tolist()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -288,19 +303,26 @@ class Trainer:
                 "lr": lr, "grad_norm": float(grad_norm)}
 
     def save(self) -> Path:
+        """Rank 0 writes the drafter folder, optimizer and state; every rank its RNG; `latest` comes last."""
         ckpt = self.out / f"step_{self.step}"
-        save_drafter(self.model, ckpt, overwrite=True)
-        torch.save({"optimizer": self.optimizer.state_dict(), "anchor_rng": self.anchor_gen.get_state()}, ckpt / "optimizer.pt")
-        state = {"step": self.step, "epoch": self.epoch, "index": self.index, "total_steps": self.total_steps,
-                 "train_config": _jsonable(self.cfg)}
-        (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        _atomic_write(self.out / "latest", ckpt.name)  # last: only complete checkpoints are named
+        if self.rank == 0:
+            save_drafter(self.model, ckpt, overwrite=True)
+            torch.save(self.optimizer.state_dict(), ckpt / "optimizer.pt")
+            state = {"step": self.step, "epoch": self.epoch, "index": self.index, "total_steps": self.total_steps,
+                     "world_size": self.world, "train_config": _jsonable(self.cfg)}
+            (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        _barrier(self.world)
+        torch.save(self.anchor_gen.get_state(), ckpt / f"rng.rank{self.rank}.pt")
+        _barrier(self.world)
+        if self.rank == 0:
+            _atomic_write(self.out / "latest", ckpt.name)  # last: only complete checkpoints are named
         return ckpt
 
     def run(self, progress: bool = True) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
-        log = open(self.out / "train_log.jsonl", "a", encoding="utf-8")
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not progress)
+        lead = self.rank == 0
+        log = open(self.out / "train_log.jsonl", "a", encoding="utf-8") if lead else open(os.devnull, "w")
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not (progress and lead))
         try:
             while self.step < self.total_steps:
                 start = time.perf_counter()
@@ -312,7 +334,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tau=f"{metrics['tau_estimate']:.2f}")
                 if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
                     ckpt = self.save()
-                    if self.eval_prompt_ids:
+                    if self.eval_prompt_ids and lead:
                         tau = evaluate_acceptance(self.target, ckpt, self.eval_prompt_ids)
                         log.write(json.dumps({"step": self.step, "eval_accept_length": tau}) + "\n")
                         log.flush()
@@ -320,7 +342,33 @@ class Trainer:
         finally:
             bar.close()
             log.close()
+        _barrier(self.world)
         return self.out / (self.out / "latest").read_text().strip()
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def init_distributed() -> bool:
+    """Join the process group torchrun describes (gloo on CPUs, NCCL on GPUs); False when run alone."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
 
 
 def _jsonable(cfg: TrainConfig) -> dict:
