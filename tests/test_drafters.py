@@ -183,7 +183,7 @@ def test_eagle3_training_time_test_matches_inference_chain(qwen3_target):
                          target.build_cache(1, 64, 8), hidden_layers=drafter.feature_layers).hidden_states
     steps = drafter.model.forward_ttt(feats, torch.tensor([seq]), steps=4)
     t = len(prompt) - 2  # the last committed pair: features of token t with token t + 1
-    assert [int(steps[k][0, t].argmax()) for k in range(4)] == prop.tokens.tolist()
+    assert [int(drafter.model.lm_logits(steps[k][0, t]).argmax()) for k in range(4)] == prop.tokens.tolist()
 
 
 # ------------------------------------------------------------------------------------ checkpoints

@@ -32,20 +32,26 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 
 def _mask_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k and outside the top-p nucleus to -inf (k applied first, as HF)."""
+    """Set logits outside the top-k (ties with the k-th kept, as HF) and outside the top-p nucleus
+    (the smallest set whose mass reaches top_p, at least one token) to -inf; k applies first.
+
+    With top-k on, only the surviving candidates are sorted (k entries, not the whole vocabulary)."""
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p >= 1.0:
+            return logits
+        width = int(torch.isfinite(logits).sum(-1).max())  # k plus any ties
+    else:
+        width = vocab
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_logits, order = torch.topk(logits, width, dim=-1)  # descending
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        # Keep a token if the mass strictly before it is below top_p: the smallest nucleus with
-        # mass >= top_p, always at least the most likely token.
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        drop_sorted = mass_before >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        # Keep a token if the mass strictly before it is below top_p.
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, ~drop_sorted)
+        logits = logits.masked_fill(~keep, float("-inf"))
     return logits
 
 

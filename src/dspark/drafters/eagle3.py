@@ -100,13 +100,18 @@ class Eagle3Model(TargetSharingModel):
         self.norm = RMSNorm(hidden, config.layer_args.rms_norm_eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden).to(self.lm_head.weight.dtype)).float()
+        """Raw layer output [..., H] -> logits [..., V] (final norm, then the shared LM head)."""
+        return self.lm_logits(self.norm(hidden))
+
+    def lm_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(normed.to(self.lm_head.weight.dtype)).float()
 
     def forward_ttt(self, features: torch.Tensor, input_ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
         """Training-time test over whole sequences: features [B, S, L*H], input_ids [B, S].
 
         Step k's element t pairs (hidden, token t+1+k) at position t+k and predicts token t+2+k.
-        Returns logits [B, S, V] per step (positions past the sequence use token 0; mask them in the loss).
+        Returns the final-normed hidden states [B, S, H] per step (their logits are lm_logits(.);
+        positions past the sequence use token 0: mask them in the loss).
         """
         layer = self.layers[0]
         bsz, seq = input_ids.shape
@@ -126,7 +131,7 @@ class Eagle3Model(TargetSharingModel):
             mask = torch.cat([causal] + [diag] * k, dim=-1)[None, None].expand(bsz, 1, seq, -1)
             out = grouped_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mask)
             hidden = layer.finish(hidden, out)
-            outputs.append(self.logits(hidden))
+            outputs.append(self.norm(hidden))
         return outputs
 
 

@@ -27,6 +27,7 @@ class LossWeights:
     l1: float = 0.9
     confidence: float = 1.0
     decay_gamma: float = 4.0
+    ttt_decay: float = 0.8  # Eagle3: weight 0.8^k of training-time-test step k (DeepSpec)
 
 
 @dataclass
@@ -108,3 +109,44 @@ def expected_accept_length(acceptance: torch.Tensor, label_mask: torch.Tensor) -
     if not bool(blocks.any()):
         return math.nan
     return float((1 + acc.cumprod(dim=1).sum(dim=1))[blocks].mean())
+
+
+def _soft_terms(hidden, target_hidden, lm_head_w):
+    """Per-row soft cross-entropy -sum p_t log q and L1 |q - p_t| for one chunk of rows."""
+    log_draft = torch.log_softmax(hidden.float() @ lm_head_w.T, dim=-1)
+    with torch.no_grad():
+        target = torch.softmax(target_hidden.float() @ lm_head_w.T, dim=-1)
+    return -(target * log_draft).sum(-1), (log_draft.exp() - target).abs().sum(-1)
+
+
+def eagle3_loss(
+    step_hidden: list[torch.Tensor], final_hidden: torch.Tensor, loss_mask: torch.Tensor, lm_head_w: torch.Tensor,
+    lw: LossWeights, chunk_rows: int = 128,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Eagle3's training-time-test loss (DeepSpec eagle3/loss.py): step k's element t predicts token
+    t + 2 + k; its soft target is the target's distribution there (final hidden at t + 1 + k); rows
+    count where that token is an assistant token. Loss = sum_k decay^k * (masked mean soft CE).
+
+    step_hidden: K tensors [S, H] (final-normed); final_hidden [S, H]; loss_mask [S].
+    Returns the loss and, per step, the analytic acceptance 1 - L1/2 of the counted rows (detached).
+    Deviation: each step is a mean over its counted rows; DeepSpec divides by all B*S positions.
+    """
+    seq = final_hidden.shape[0]
+    total = torch.zeros(())
+    accepts = []
+    for k, hidden in enumerate(step_hidden):
+        rows = torch.arange(max(seq - 2 - k, 0))
+        rows = rows[loss_mask[rows + 2 + k].bool()]
+        if rows.numel() == 0:
+            accepts.append(torch.empty(0))
+            continue
+        ces, l1s = [], []
+        for start in range(0, rows.numel(), chunk_rows):
+            r = rows[start : start + chunk_rows]
+            args = (hidden[r], final_hidden[r + 1 + k], lm_head_w)
+            ce, l1 = checkpoint(_soft_terms, *args, use_reentrant=False) if torch.is_grad_enabled() else _soft_terms(*args)
+            ces.append(ce)
+            l1s.append(l1)
+        total = total + lw.ttt_decay**k * torch.cat(ces).mean()
+        accepts.append((1 - 0.5 * torch.cat(l1s).detach()).clamp(0, 1))
+    return total, accepts

@@ -27,7 +27,9 @@ from dspark.drafters.dspark import DSparkModel
 from dspark.errors import DSparkError
 from dspark.models.target import LoadedModel
 from dspark.train.anchors import Blocks, sample_blocks
-from dspark.train.losses import LossOutput, LossWeights, dspark_loss, expected_accept_length, position_weights
+from dspark.train.losses import (
+    LossOutput, LossWeights, dspark_loss, eagle3_loss, expected_accept_length, position_weights,
+)
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,8 @@ class TrainConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        if self.arch not in ("dspark", "dflash"):
-            raise DSparkError(f"training arch {self.arch!r} is not supported; supported: dspark, dflash "
-                              "(eagle3 training is not implemented yet)")
+        if self.arch not in ("dspark", "dflash", "eagle3"):
+            raise DSparkError(f"training arch {self.arch!r} is not supported; supported: dspark, dflash, eagle3")
         for name in ("max_length", "num_anchors", "grad_accum", "epochs", "save_every"):
             if getattr(self, name) <= 0:
                 raise DSparkError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -84,8 +85,19 @@ def preset_dspark_qwen3_4b() -> TrainConfig:
                        max_length=4096, num_anchors=512, lr=6e-4, grad_accum=512, epochs=10, save_every=3000)
 
 
+def preset_eagle3_smollm2() -> TrainConfig:
+    """Eagle3 as DeepSpec trains it (7 training-time-test steps, decay 0.8), sized for this CPU."""
+    return replace(preset_dspark_smollm2(), arch="eagle3", drafter={"block_size": 7})
+
+
+def preset_tiny_eagle3() -> TrainConfig:
+    return replace(preset_tiny(), arch="eagle3", drafter={"block_size": 3})
+
+
 PRESETS = {
     "tiny": preset_tiny,
+    "tiny-eagle3": preset_tiny_eagle3,
+    "eagle3-smollm2-135m": preset_eagle3_smollm2,
     "dspark-smollm2-135m": preset_dspark_smollm2,
     "dflash-smollm2-135m": preset_dflash_smollm2,
     "dspark-qwen3-4b": preset_dspark_qwen3_4b,
@@ -124,6 +136,24 @@ def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
             raise DSparkError(f"unknown training setting {key!r}; settable: {', '.join(sorted(fields))}, "
                               "drafter.<setting>, loss.<weight>")
     return replace(cfg, drafter=drafter, **top)
+
+
+def drafter_config(target: LoadedModel, cfg: TrainConfig):
+    """The config of the drafter a training run builds."""
+    if cfg.arch == "eagle3":
+        from dspark.drafters.eagle3 import new_eagle3_config
+
+        return new_eagle3_config(target, dict(cfg.drafter))
+    return new_dspark_config(target, cfg.arch, dict(cfg.drafter))
+
+
+def build_drafter(target: LoadedModel, cfg: TrainConfig):
+    config = drafter_config(target, cfg)
+    if cfg.arch == "eagle3":
+        from dspark.drafters.eagle3 import build_eagle3_model
+
+        return build_eagle3_model(config, target, seed=cfg.seed)
+    return build_dspark_model(config, target, seed=cfg.seed)
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -210,7 +240,7 @@ class Trainer:
         if (Path(data_dir) / "manifest.json").is_file():  # a feature cache (dspark data cache)
             from dspark.data.feature_cache import FeatureCache
 
-            layers = new_dspark_config(target, cfg.arch, dict(cfg.drafter)).target_layer_ids
+            layers = drafter_config(target, cfg).target_layer_ids
             self.feature_cache = FeatureCache(data_dir, target, layers)
             self.num_sequences = len(self.feature_cache)
         else:
@@ -227,8 +257,7 @@ class Trainer:
         if latest.is_file():
             self._resume(self.out / latest.read_text().strip())
         else:
-            config = new_dspark_config(target, cfg.arch, dict(cfg.drafter))
-            self.model = self._trainable(build_dspark_model(config, target, seed=cfg.seed))
+            self.model = self._trainable(build_drafter(target, cfg))
             self.optimizer = self._optimizer()
 
     def _trainable(self, model: DSparkModel) -> DSparkModel:
@@ -275,6 +304,17 @@ class Trainer:
         taus = []
         for _ in range(cfg.grad_accum):
             input_ids, loss_mask, features, final_hidden = self._next_sequence()
+            if cfg.arch == "eagle3":
+                steps = model.forward_ttt(features[None], input_ids[None], steps=model.config.block_size)
+                loss, accepts = eagle3_loss([h[0] for h in steps], final_hidden, loss_mask, self.lm_head_w, cfg.loss)
+                if not loss.requires_grad:
+                    continue
+                (loss / cfg.grad_accum).backward()
+                totals["loss"] += float(loss.detach()) / cfg.grad_accum
+                totals["ce"] += float(loss.detach()) / cfg.grad_accum
+                means = [float(a.mean()) if a.numel() else 0.0 for a in accepts]
+                taus.append(1 + sum(math.prod(means[: k + 1]) for k in range(len(means))))
+                continue
             blocks = sample_blocks(input_ids, loss_mask, cfg.num_anchors, model.config.block_size, self.anchor_gen)
             if not bool(blocks.label_mask.any()):
                 continue
