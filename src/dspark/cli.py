@@ -214,6 +214,8 @@ def add_data_parser(sub) -> None:
     regen.add_argument("--top-k", type=_non_negative_int, default=20)
     regen.add_argument("--batch-size", type=_positive_int, default=8)
     regen.add_argument("--seed", type=int, default=0)
+    regen.add_argument("--drafter", default="none", choices=["none", "ngram"],
+                       help="local engine: plain decoding (fastest at batch 8 here) or n-gram speculation")
     regen.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     regen.set_defaults(func=run_regenerate)
     cache = dsub.add_parser("cache", help="write the target's features of regenerated answers once (resumable)")
@@ -233,7 +235,8 @@ def run_regenerate(args) -> int:
     from dspark.data.regenerate import RegenerateConfig, regenerate_endpoint, regenerate_local
 
     prompts = read_prompts(args.prompts)[: args.limit]
-    cfg = RegenerateConfig(args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.batch_size, args.seed)
+    cfg = RegenerateConfig(args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.batch_size, args.seed,
+                           args.drafter)
     if args.endpoint:
         stats = regenerate_endpoint(args.endpoint, args.model, prompts, args.out, cfg, args.api_key)
     else:

@@ -7,7 +7,7 @@ rerun skips ids already written and first cuts a torn last line (from a kill mid
 is lost or duplicated. Each prompt's seed derives from its id, so a resumed run answers as an
 uninterrupted one would.
 
-Back-ends: the local batched engine (lossless speculative decoding with the n-gram drafter), or any
+Back-ends: the local batched engine (plain decoding or lossless n-gram speculation), or any
 OpenAI-compatible endpoint (vLLM, SGLang, dspark's own server) for scale.
 """
 
@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from dspark.config import EngineConfig, SamplingParams, StopParams
 from dspark.data.prompts import PromptRecord
-from dspark.drafters.simple import NgramDrafter
+from dspark.drafters.simple import NgramDrafter, NoDrafter
 from dspark.engine.engine import Engine, Request
 from dspark.errors import DSparkError
 from dspark.text import decode_output, encode_messages
@@ -45,8 +45,13 @@ class RegenerateConfig:
     max_new_tokens: int = 512
     batch_size: int = 8
     seed: int = 0
+    # Plain decoding by default: at batch 8 with T = 0.7 it measured 174 tok/s against 129 for n-gram
+    # speculation here (verifying 9 tokens a row stops being nearly free once rows are batched).
+    drafter: str = "none"
 
     def __post_init__(self) -> None:
+        if self.drafter not in ("none", "ngram"):
+            raise DSparkError(f"regeneration drafter {self.drafter!r} is not one of: none, ngram")
         SamplingParams(self.temperature, self.top_k, self.top_p)  # validates
         if self.max_new_tokens <= 0 or self.batch_size <= 0:
             raise DSparkError(f"max_new_tokens and batch_size must be positive, got {self.max_new_tokens}, {self.batch_size}")
@@ -121,7 +126,8 @@ def regenerate_local(target, prompts: list[PromptRecord], out_dir, cfg: Regenera
             continue
         encoded.append((p, ids))
     max_seq = min(limit, max((len(ids) for _, ids in encoded), default=1) + cfg.max_new_tokens)
-    engine = Engine(target, NgramDrafter(), EngineConfig(block_size=8, max_batch_size=cfg.batch_size, max_seq_len=max_seq))
+    drafter = NgramDrafter() if cfg.drafter == "ngram" else NoDrafter()
+    engine = Engine(target, drafter, EngineConfig(block_size=8, max_batch_size=cfg.batch_size, max_seq_len=max_seq))
     stop = StopParams(max_new_tokens=cfg.max_new_tokens)
     by_request = {}
     for p, ids in encoded:
