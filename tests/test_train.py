@@ -394,3 +394,19 @@ def test_eagle3_loss_counts_only_assistant_predictions():
         expected = expected + 0.5**k * -(p * logq).sum(-1).mean()
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     assert [a.numel() for a in accepts] == [2, 2]
+
+
+def test_bf16_autocast_trains_close_to_fp32(target, greedy_data, tmp_path):
+    fp32 = Trainer(target, tiny_config("max_steps=2"), greedy_data, tmp_path / "a").train_step()["loss"]
+    bf16 = Trainer(target, tiny_config("max_steps=2", "autocast=bf16"), greedy_data, tmp_path / "b").train_step()["loss"]
+    assert math.isfinite(bf16) and bf16 == pytest.approx(fp32, rel=0.05)
+    with pytest.raises(DSparkError, match="autocast 'fp16'"):
+        tiny_config("autocast=fp16")
+    with pytest.raises(DSparkError, match="max_steps='many' is not a valid int"):
+        tiny_config("max_steps=many")
+
+
+def test_tensorboard_event_files_are_written(target, greedy_data, tmp_path):
+    pytest.importorskip("torch.utils.tensorboard", reason="tensorboard is not installed (pip install 'dspark[train]')")
+    Trainer(target, tiny_config("max_steps=2"), greedy_data, tmp_path / "run", tensorboard_dir=tmp_path / "tb").run(progress=False)
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())

@@ -287,6 +287,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--eval-prompts", nargs="*", default=[],
                    help="held-out prompt files: at every checkpoint, measure the real accept length on them")
     p.add_argument("--eval-limit", type=_positive_int, default=8, help="how many held-out prompts")
+    p.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard event files here")
     p.set_defaults(func=run_train)
 
 
@@ -303,7 +304,7 @@ def run_train(args) -> int:
                 for p in read_prompts(args.eval_prompts)[: args.eval_limit]] if args.eval_prompts else None
     distributed = init_distributed()
     try:
-        trainer = Trainer(target, cfg, args.data, args.out, eval_ids)
+        trainer = Trainer(target, cfg, args.data, args.out, eval_ids, args.tensorboard)
         final = trainer.run()
     finally:
         if distributed:

@@ -117,7 +117,8 @@ class RMSNorm(nn.Module):
         # One fused kernel (it accumulates in fp32). Hugging Face rounds to the input dtype before
         # the weight multiply; fused, the product is rounded once: identical in fp32, within one
         # rounding step in bf16.
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)  # bf16 autocast
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

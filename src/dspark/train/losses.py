@@ -44,8 +44,11 @@ def position_weights(block_size: int, gamma: float) -> torch.Tensor:
     return torch.exp(-torch.arange(block_size, dtype=torch.float32) / gamma)
 
 
+@torch.autocast("cpu", enabled=False)
+@torch.autocast("cuda", enabled=False)
 def _chunk_terms(hidden, head_feats, target_hidden, labels, lm_head_w, w2):
-    """Per-row CE and L1 for one chunk of rows; vocabulary-sized tensors live only here."""
+    """Per-row CE and L1 for one chunk of rows (always fp32, also under autocast); vocabulary-sized
+    tensors live only here."""
     logits = hidden.float() @ lm_head_w.T
     if head_feats is not None:
         logits = logits + head_feats.float() @ w2.float().T
@@ -111,6 +114,8 @@ def expected_accept_length(acceptance: torch.Tensor, label_mask: torch.Tensor) -
     return float((1 + acc.cumprod(dim=1).sum(dim=1))[blocks].mean())
 
 
+@torch.autocast("cpu", enabled=False)
+@torch.autocast("cuda", enabled=False)
 def _soft_terms(hidden, target_hidden, lm_head_w):
     """Per-row soft cross-entropy -sum p_t log q and L1 |q - p_t| for one chunk of rows."""
     log_draft = torch.log_softmax(hidden.float() @ lm_head_w.T, dim=-1)

@@ -48,10 +48,15 @@ class TrainConfig:
     loss: LossWeights = field(default_factory=LossWeights)
     save_every: int = 50
     seed: int = 42
+    # bf16 autocast of the drafter's forward: "off", "bf16", or "auto" (on where the hardware has
+    # bf16 matmuls: CUDA with bf16, CPUs with AVX512-BF16 or AMX). Losses stay in fp32 either way.
+    autocast: str = "off"
 
     def __post_init__(self) -> None:
         if self.arch not in ("dspark", "dflash", "eagle3"):
             raise DSparkError(f"training arch {self.arch!r} is not supported; supported: dspark, dflash, eagle3")
+        if self.autocast not in ("off", "bf16", "auto"):
+            raise DSparkError(f"autocast {self.autocast!r} is not one of: off, bf16, auto")
         for name in ("max_length", "num_anchors", "grad_accum", "epochs", "save_every"):
             if getattr(self, name) <= 0:
                 raise DSparkError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -82,7 +87,8 @@ def preset_dspark_qwen3_4b() -> TrainConfig:
     rank 256, 512 anchors, mask id 151669, lr 6e-4, global batch 512 sequences, 10 epochs."""
     return TrainConfig(drafter={"num_draft_layers": 5, "block_size": 7, "markov_rank": 256, "mask_token_id": 151669,
                                 "target_layer_ids": (1, 9, 17, 25, 33)},
-                       max_length=4096, num_anchors=512, lr=6e-4, grad_accum=512, epochs=10, save_every=3000)
+                       max_length=4096, num_anchors=512, lr=6e-4, grad_accum=512, epochs=10, save_every=3000,
+                       autocast="auto")
 
 
 def preset_eagle3_smollm2() -> TrainConfig:
@@ -128,10 +134,17 @@ def apply_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
                 raise DSparkError(f"unknown loss setting {name!r}; settable: {', '.join(LossWeights.__dataclass_fields__)}")
             top["loss"] = replace(top.get("loss", cfg.loss), **{name: float(raw)})
         elif key in fields:
+            kind = type(getattr(cfg, key))
             try:
-                top[key] = type(getattr(cfg, key))(json.loads(raw))
-            except (json.JSONDecodeError, TypeError, ValueError):
-                raise DSparkError(f"{key}={raw!r} is not a valid {type(getattr(cfg, key)).__name__}") from None
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw  # a bare string, e.g. autocast=bf16
+            if kind is not str and isinstance(value, str):
+                raise DSparkError(f"{key}={raw!r} is not a valid {kind.__name__}")
+            try:
+                top[key] = kind(value)
+            except (TypeError, ValueError):
+                raise DSparkError(f"{key}={raw!r} is not a valid {kind.__name__}") from None
         else:
             raise DSparkError(f"unknown training setting {key!r}; settable: {', '.join(sorted(fields))}, "
                               "drafter.<setting>, loss.<weight>")
@@ -154,6 +167,14 @@ def build_drafter(target: LoadedModel, cfg: TrainConfig):
 
         return build_eagle3_model(config, target, seed=cfg.seed)
     return build_dspark_model(config, target, seed=cfg.seed)
+
+
+def autocast_enabled(mode: str) -> bool:
+    if mode == "auto":
+        if torch.cuda.is_available():
+            return torch.cuda.is_bf16_supported()
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return mode == "bf16"
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -232,8 +253,10 @@ def evaluate_acceptance(target: LoadedModel, drafter_dir: Path, prompt_ids: list
 
 class Trainer:
     def __init__(self, target: LoadedModel, cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path,
-                 eval_prompt_ids: list[list[int]] | None = None):
+                 eval_prompt_ids: list[list[int]] | None = None, tensorboard_dir: str | Path | None = None):
         self.eval_prompt_ids = eval_prompt_ids or []
+        self.tensorboard_dir = tensorboard_dir
+        self.autocast = autocast_enabled(cfg.autocast)
         self.target, self.cfg = target, cfg
         self.out = Path(out_dir)
         self.feature_cache = None
@@ -294,6 +317,24 @@ class Trainer:
         features, final_hidden = target_features(self.target, self.model.config.target_layer_ids, seq.input_ids, self.cache)
         return seq.input_ids, seq.loss_mask, features, final_hidden
 
+    def _sequence_loss(self, input_ids, loss_mask, features, final_hidden):
+        """(loss, {ce, l1, confidence}, tau estimate) of one sequence, or None when nothing is supervised."""
+        cfg, model = self.cfg, self.model
+        if cfg.arch == "eagle3":
+            steps = model.forward_ttt(features[None], input_ids[None], steps=model.config.block_size)
+            loss, accepts = eagle3_loss([h[0] for h in steps], final_hidden, loss_mask, self.lm_head_w, cfg.loss)
+            if not loss.requires_grad:
+                return None
+            means = [float(a.mean()) if a.numel() else 0.0 for a in accepts]
+            tau = 1 + sum(math.prod(means[: k + 1]) for k in range(len(means)))
+            return loss, {"ce": float(loss.detach())}, tau
+        blocks = sample_blocks(input_ids, loss_mask, cfg.num_anchors, model.config.block_size, self.anchor_gen)
+        if not bool(blocks.label_mask.any()):
+            return None
+        out = block_loss(model, blocks, features, final_hidden, self.lm_head_w, cfg)
+        parts = {"ce": out.ce, "l1": out.l1, "confidence": out.confidence}
+        return out.loss, parts, expected_accept_length(out.acceptance, blocks.label_mask)
+
     def train_step(self) -> dict:
         """One optimizer step over grad_accum sequences; returns its metrics."""
         cfg, model = self.cfg, self.model
@@ -302,28 +343,19 @@ class Trainer:
             group["lr"] = lr
         totals = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "confidence": 0.0}
         taus = []
+        device = "cuda" if self.lm_head_w.is_cuda else "cpu"
         for _ in range(cfg.grad_accum):
             input_ids, loss_mask, features, final_hidden = self._next_sequence()
-            if cfg.arch == "eagle3":
-                steps = model.forward_ttt(features[None], input_ids[None], steps=model.config.block_size)
-                loss, accepts = eagle3_loss([h[0] for h in steps], final_hidden, loss_mask, self.lm_head_w, cfg.loss)
-                if not loss.requires_grad:
-                    continue
-                (loss / cfg.grad_accum).backward()
-                totals["loss"] += float(loss.detach()) / cfg.grad_accum
-                totals["ce"] += float(loss.detach()) / cfg.grad_accum
-                means = [float(a.mean()) if a.numel() else 0.0 for a in accepts]
-                taus.append(1 + sum(math.prod(means[: k + 1]) for k in range(len(means))))
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast):
+                loss_out = self._sequence_loss(input_ids, loss_mask, features, final_hidden)
+            if loss_out is None:
                 continue
-            blocks = sample_blocks(input_ids, loss_mask, cfg.num_anchors, model.config.block_size, self.anchor_gen)
-            if not bool(blocks.label_mask.any()):
-                continue
-            out = block_loss(model, blocks, features, final_hidden, self.lm_head_w, cfg)
-            (out.loss / cfg.grad_accum).backward()
-            totals["loss"] += float(out.loss.detach()) / cfg.grad_accum
-            for key in ("ce", "l1", "confidence"):
-                totals[key] += getattr(out, key) / cfg.grad_accum
-            taus.append(expected_accept_length(out.acceptance, blocks.label_mask))
+            loss, parts, tau = loss_out
+            (loss / cfg.grad_accum).backward()
+            totals["loss"] += float(loss.detach()) / cfg.grad_accum
+            for key, value in parts.items():
+                totals[key] += value / cfg.grad_accum
+            taus.append(tau)
         if self.world > 1:  # data parallel: average gradients and metrics over processes
             import torch.distributed as dist
 
@@ -362,6 +394,13 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         lead = self.rank == 0
         log = open(self.out / "train_log.jsonl", "a", encoding="utf-8") if lead else open(os.devnull, "w")
+        board = None
+        if self.tensorboard_dir and lead:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise DSparkError("--tensorboard needs the tensorboard package: pip install 'dspark[train]'") from None
+            board = SummaryWriter(str(self.tensorboard_dir))
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not (progress and lead))
         try:
             while self.step < self.total_steps:
@@ -370,6 +409,10 @@ class Trainer:
                 metrics["seconds"] = time.perf_counter() - start
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
+                if board is not None:
+                    for key, value in metrics.items():
+                        if key != "step":
+                            board.add_scalar(f"train/{key}", value, self.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tau=f"{metrics['tau_estimate']:.2f}")
                 if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
@@ -378,10 +421,14 @@ class Trainer:
                         tau = evaluate_acceptance(self.target, ckpt, self.eval_prompt_ids)
                         log.write(json.dumps({"step": self.step, "eval_accept_length": tau}) + "\n")
                         log.flush()
+                        if board is not None:
+                            board.add_scalar("eval/accept_length", tau, self.step)
                         bar.write(f"step {self.step}: accept length on held-out prompts {tau:.3f}")
         finally:
             bar.close()
             log.close()
+            if board is not None:
+                board.close()
         _barrier(self.world)
         return self.out / (self.out / "latest").read_text().strip()
 
