@@ -3,7 +3,6 @@ checkpoints and target checks."""
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import pytest
