@@ -316,6 +316,37 @@ def run_train(args) -> int:
     return 0
 
 
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="accept length and speedup per benchmark, against plain decoding")
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--drafter", action="append", required=True, help="a drafter (repeatable): ngram, draft-model, a folder")
+    p.add_argument("--draft-model", help="model spec for --drafter draft-model")
+    p.add_argument("--benchmarks", nargs="+", required=True, help="DeepSpec-format JSONL files or folders")
+    p.add_argument("--out", required=True, help="results folder (rerun to resume)")
+    p.add_argument("--limit", type=_positive_int, help="first N prompts of each benchmark")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--block-size", type=_positive_int, default=7)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.set_defaults(func=run_eval_command)
+
+
+def run_eval_command(args) -> int:
+    from dspark.drafters.registry import build_drafter
+    from dspark.eval.runner import EvalConfig, run_eval
+    from dspark.models.target import load_model
+
+    for spec in args.benchmarks:
+        if not Path(spec).exists():
+            raise DSparkError(f"benchmark {spec!r} does not exist")
+    target = load_model(args.target, args.dtype)
+    drafters = {name: build_drafter(name, target, args.draft_model, args.dtype) for name in args.drafter}
+    cfg = EvalConfig(args.temperature, args.block_size, args.max_new_tokens, args.limit)
+    run_eval(target, drafters, args.benchmarks, args.out, cfg)
+    print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark", description="Lossless speculative decoding with DSpark drafters")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -323,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_drafter_parser(sub)
     add_data_parser(sub)
     add_train_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -57,6 +57,9 @@ class RequestStats:
     verified_per_position: list[int] = field(default_factory=list)  # rounds whose draft k was verified
     elapsed_s: float = 0.0
     num_generated: int = 0
+    # One (verified, accepted, committed) triple per round: the raw material for per-position
+    # conditional acceptance, prefix survival and scheduler traces.
+    round_log: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def accept_length(self) -> float:
@@ -68,6 +71,7 @@ class RequestStats:
 
     def record_round(self, num_verified: int, num_accepted: int, committed: int, num_proposed: int) -> None:
         self.rounds += 1
+        self.round_log.append((num_verified, num_accepted, committed))
         self.committed_in_rounds += committed
         self.num_proposed += num_proposed
         self.num_verified += num_verified

@@ -1,0 +1,1 @@
+"""Evaluation: acceptance metrics (pure) and the benchmark runner."""
