@@ -16,7 +16,6 @@ uint16 mask, for H the hidden size); here 5 + 2*(L+1)*H in bf16/fp16 (the same f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from dspark.errors import DSparkError
+from dspark.models.loading import file_sha256
 
 CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 MANIFEST = "manifest.json"
@@ -45,14 +45,6 @@ class CachedSequence:
     loss_mask: torch.Tensor  # [S]
     features: torch.Tensor  # [S, L*H]
     final_hidden: torch.Tensor  # [S, H]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_cache(target, sequences, layer_ids: tuple[int, ...], out_dir, dtype: str = "bf16",
@@ -97,7 +89,7 @@ def write_cache(target, sequences, layer_ids: tuple[int, ...], out_dir, dtype: s
             name = f"shard_{len(manifest['shards']):05d}.safetensors"
             tmp = out / (name + ".tmp")
             save_file(tensors, str(tmp))
-            digest = _sha256(tmp)
+            digest = file_sha256(tmp)
             os.replace(tmp, out / name)
             manifest["shards"].append({"file": name, "sequences": len(chunk), "tokens": int(lengths.sum()), "sha256": digest})
             tmp_manifest = out / (MANIFEST + ".tmp")
@@ -127,7 +119,7 @@ class FeatureCache:
             raise DSparkError(f"cache {self.path} is incomplete; rerun `dspark data cache` to finish it")
         if verify:
             for shard in m["shards"]:
-                if _sha256(self.path / shard["file"]) != shard["sha256"]:
+                if file_sha256(self.path / shard["file"]) != shard["sha256"]:
                     raise DSparkError(f"{self.path / shard['file']} does not match its checksum: the cache is corrupt")
         self._index = [(i, j) for i, shard in enumerate(m["shards"]) for j in range(shard["sequences"])]
         self._open: dict[int, object] = {}

@@ -178,13 +178,17 @@ def load_drafter_model(path: str | Path, target: LoadedModel) -> nn.Module:
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise DSparkError(f"{folder} has no model.safetensors")
-    state = load_file(str(weights))
+    load_exact(model, load_file(str(weights)), f"{weights} does not fit its config", target.model.dtype)
+    return model
+
+
+def load_exact(model: nn.Module, state: dict[str, torch.Tensor], problem: str, dtype: torch.dtype) -> None:
+    """Load a state dict whose keys must be exactly the model's; otherwise fail with `problem`."""
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
-        raise DSparkError(f"{weights} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.load_state_dict({k: v.to(target.model.dtype) for k, v in state.items()})
-    return model
+        raise DSparkError(f"{problem}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
 
 
 def load_drafter(path: str | Path, target: LoadedModel):

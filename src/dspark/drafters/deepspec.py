@@ -68,7 +68,7 @@ def deepspec_to_config(raw: dict, target: LoadedModel) -> DSparkConfig:
 def load_deepspec_model(folder: Path, target: LoadedModel) -> DSparkModel:
     from safetensors.torch import load_file
 
-    from dspark.drafters.checkpoint import build_dspark_model
+    from dspark.drafters.checkpoint import build_dspark_model, load_exact
 
     raw = json.loads((folder / "config.json").read_text())
     config = deepspec_to_config(raw, target)
@@ -84,9 +84,5 @@ def load_deepspec_model(folder: Path, target: LoadedModel) -> DSparkModel:
         if key in state and not torch.equal(state.pop(key).to(own[key].dtype), own[key]):
             raise DSparkError(f"{folder}: {key} differs from target {target.spec!r}'s: the drafter was made for another target")
     model = build_dspark_model(config, target, seed=None)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise DSparkError(f"{folder}: weights do not match the DeepSpec layout: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.load_state_dict({k: v.to(target.model.dtype) for k, v in state.items()})
+    load_exact(model, state, f"{folder}: weights do not match the DeepSpec layout", target.model.dtype)
     return model

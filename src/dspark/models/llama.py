@@ -172,9 +172,10 @@ class Attention(nn.Module):
     def fuse_projections(self) -> None:
         """One matmul for q, k and v: the three weights become views of one fused tensor (no extra
         memory). For frozen models only: gradients would not reach the views."""
-        self.qkv_weight = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        linears = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = _fuse(linears, "weight")
         if self.q_proj.bias is not None:
-            self.qkv_bias = _fuse_biases(self.q_proj, self.k_proj, self.v_proj)
+            self.qkv_bias = _fuse(linears, "bias")
 
     def forward(self, x: torch.Tensor, ctx: "ForwardContext", cache: KVCache) -> torch.Tensor:
         bsz, n, _ = x.shape
@@ -217,22 +218,13 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(bsz, n, heads * self.head_dim))
 
 
-def _fuse_linears(*linears: nn.Linear) -> torch.Tensor:
-    fused = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+def _fuse(linears: tuple[nn.Linear, ...], attr: str) -> torch.Tensor:
+    """Concatenate the linears' `attr` ("weight" or "bias") and make each one a view of the result."""
+    fused = torch.cat([getattr(lin, attr).detach() for lin in linears], dim=0)
     offset = 0
     for lin in linears:
-        rows = lin.weight.shape[0]
-        lin.weight = nn.Parameter(fused[offset : offset + rows], requires_grad=False)
-        offset += rows
-    return fused
-
-
-def _fuse_biases(*linears: nn.Linear) -> torch.Tensor:
-    fused = torch.cat([lin.bias.detach() for lin in linears], dim=0)
-    offset = 0
-    for lin in linears:
-        rows = lin.bias.shape[0]
-        lin.bias = nn.Parameter(fused[offset : offset + rows], requires_grad=False)
+        rows = getattr(lin, attr).shape[0]
+        setattr(lin, attr, nn.Parameter(fused[offset : offset + rows], requires_grad=False))
         offset += rows
     return fused
 
@@ -247,9 +239,10 @@ class MLP(nn.Module):
         self.gate_up_bias: torch.Tensor | None = None
 
     def fuse_projections(self) -> None:
-        self.gate_up_weight = _fuse_linears(self.gate_proj, self.up_proj)
+        linears = (self.gate_proj, self.up_proj)
+        self.gate_up_weight = _fuse(linears, "weight")
         if self.gate_proj.bias is not None:
-            self.gate_up_bias = _fuse_biases(self.gate_proj, self.up_proj)
+            self.gate_up_bias = _fuse(linears, "bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_weight is not None:
