@@ -327,8 +327,45 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--block-size", type=_positive_int, default=7)
     p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="requests decoded together (speedups hold at this batch)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (JSON and Markdown only)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.set_defaults(func=run_eval_command)
+
+
+def add_calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="fit per-position confidence temperatures (STS) into a drafter folder")
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--drafter", required=True, help="a drafter folder with a confidence head")
+    p.add_argument("--prompts", nargs="+", required=True,
+                   help="held-out prompt files or folders (disjoint from the evaluation set)")
+    p.add_argument("--limit", type=_positive_int, help="first N prompts of each file")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the calibration runs")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=4)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.set_defaults(func=run_calibrate_command)
+
+
+def run_calibrate_command(args) -> int:
+    import warnings
+
+    from dspark.eval.runner import EvalConfig, calibrate_drafter
+    from dspark.models.target import load_model
+
+    for spec in args.prompts:
+        if not Path(spec).exists():
+            raise DSparkError(f"prompts {spec!r} do not exist")
+        if "eval" in Path(spec).resolve().parts:
+            warnings.warn(f"{spec} looks like an evaluation set; calibrate on prompts disjoint from what you evaluate on")
+    if not Path(args.drafter, "config.json").is_file():
+        raise DSparkError(f"--drafter {args.drafter!r} is not a drafter folder (no config.json)")
+    target = load_model(args.target, args.dtype)
+    cfg = EvalConfig(args.temperature, 7, args.max_new_tokens, args.limit, args.batch_size)
+    cal = calibrate_drafter(target, args.drafter, args.prompts, cfg)
+    print(json.dumps({k: cal[k] for k in ("temperatures", "ece_mean_before", "ece_mean_after", "num_rounds")}, indent=2))
+    print(f"wrote {Path(args.drafter) / 'calibration.json'} (applied whenever this drafter is loaded)")
+    return 0
 
 
 def run_eval_command(args) -> int:
@@ -341,8 +378,8 @@ def run_eval_command(args) -> int:
             raise DSparkError(f"benchmark {spec!r} does not exist")
     target = load_model(args.target, args.dtype)
     drafters = {name: build_drafter(name, target, args.draft_model, args.dtype) for name in args.drafter}
-    cfg = EvalConfig(args.temperature, args.block_size, args.max_new_tokens, args.limit)
-    run_eval(target, drafters, args.benchmarks, args.out, cfg)
+    cfg = EvalConfig(args.temperature, args.block_size, args.max_new_tokens, args.limit, args.batch_size)
+    run_eval(target, drafters, args.benchmarks, args.out, cfg, plots=not args.no_plots)
     print((Path(args.out) / "report.md").read_text())
     return 0
 
@@ -355,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from dspark.models.target import LoadedModel
 FORMAT = "dspark-drafter"
 FORMAT_VERSION = 1
 ARCHS = ("dspark", "dflash", "eagle3")
+CALIBRATION_FILE = "calibration.json"
 SETTABLE = ("block_size", "num_draft_layers", "markov_rank", "markov_head_type", "confidence_head",
             "confidence_with_markov", "target_layer_ids", "mask_token_id")
 
@@ -191,11 +193,42 @@ def load_exact(model: nn.Module, state: dict[str, torch.Tensor], problem: str, d
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
 
 
-def load_drafter(path: str | Path, target: LoadedModel):
-    """A ready Drafter from a folder, checked against the target."""
+def read_calibration(path: str | Path) -> dict | None:
+    """The folder's calibration.json (per-position confidence temperatures), or None if absent."""
+    file = Path(path) / CALIBRATION_FILE
+    if not file.is_file():
+        return None
+    raw = json.loads(file.read_text())
+    temps = raw.get("temperatures")
+    if not isinstance(temps, list) or not temps or any(not isinstance(t, (int, float)) or t <= 0 for t in temps):
+        raise DSparkError(f"{file}: 'temperatures' must be a non-empty list of numbers > 0, got {temps!r}")
+    return raw
+
+
+def write_calibration(path: str | Path, calibration: dict) -> Path:
+    """Write calibration.json into a drafter folder atomically (the weights are never touched)."""
+    file = Path(path) / CALIBRATION_FILE
+    tmp = file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(calibration, indent=2))
+    os.replace(tmp, file)
+    return file
+
+
+def load_drafter(path: str | Path, target: LoadedModel, calibrated: bool = True):
+    """A ready Drafter from a folder, checked against the target.
+
+    calibrated: apply the folder's calibration.json temperatures to the confidences (if present);
+    False gives the raw confidences (what calibration itself fits on).
+    """
     model = load_drafter_model(path, target)
     if model.config.arch == "eagle3":
         from dspark.drafters.eagle3 import Eagle3Drafter
 
         return Eagle3Drafter(model)
-    return DSparkDrafter(model)
+    calibration = read_calibration(path) if calibrated else None
+    if calibration is not None:
+        if len(calibration["temperatures"]) != model.config.block_size:
+            raise DSparkError(f"{path}/{CALIBRATION_FILE} has {len(calibration['temperatures'])} temperatures, "
+                              f"the drafter's block_size is {model.config.block_size}")
+        return DSparkDrafter(model, tuple(calibration["temperatures"]))
+    return DSparkDrafter(model, None if calibrated else ())

@@ -232,9 +232,14 @@ class DSparkModel(TargetSharingModel):
 class DSparkDrafter:
     """The Drafter protocol over a DSparkModel (DSpark or, with heads off, DFlash)."""
 
-    def __init__(self, model: DSparkModel):
+    def __init__(self, model: DSparkModel, confidence_temperatures: tuple[float, ...] | None = None):
         self.model = model
         self.config = model.config
+        # Per-position temperatures of the confidence logits (calibration); () = raw confidences.
+        temps = model.config.confidence_temperatures if confidence_temperatures is None else tuple(confidence_temperatures)
+        if temps and (len(temps) != self.config.block_size or any(t <= 0 for t in temps)):
+            raise DSparkError(f"confidence temperatures must be {self.config.block_size} values > 0, got {list(temps)}")
+        self.confidence_temperatures = temps
         self.name = model.config.arch
         self.feature_layers = tuple(model.config.target_layer_ids)
         self.cache: KVCache | None = None
@@ -354,7 +359,7 @@ class DSparkDrafter:
         logits = self.model.confidence_logits(hidden, prev_tokens)
         if logits is None:
             return None
-        temps = self.config.confidence_temperatures
+        temps = self.confidence_temperatures
         if temps:
             logits = logits / torch.tensor(temps[: logits.shape[-1]], dtype=logits.dtype)
         return torch.sigmoid(logits)

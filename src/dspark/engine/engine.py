@@ -60,6 +60,9 @@ class RequestStats:
     # One (verified, accepted, committed) triple per round: the raw material for per-position
     # conditional acceptance, prefix survival and scheduler traces.
     round_log: list[tuple[int, int, int]] = field(default_factory=list)
+    # The drafter's per-position confidences of each round's whole proposal (empty when it gives
+    # none), aligned with round_log: the raw material for calibration and threshold sweeps.
+    confidence_log: list[list[float]] = field(default_factory=list)
 
     @property
     def accept_length(self) -> float:
@@ -254,6 +257,8 @@ class Engine:
             before = s.num_generated
             stopped = self._commit(s, new_tokens)
             s.stats.record_round(lengths[row], a, s.num_generated - before, len(proposals[row]))
+            conf = proposals[row].confidences
+            s.stats.confidence_log.append(conf.tolist() if conf is not None else [])
             if stopped:
                 finished.append(self._finish(s))
         self.timings.rounds += 1

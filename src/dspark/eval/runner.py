@@ -1,9 +1,12 @@
 """Benchmark runner: several drafters on the same prompts and seeds, against plain decoding of the
-same target in the same run. Resumable per (benchmark, drafter): finished pairs are kept in
-OUT/partial/ and skipped on a rerun. Writes OUT/results.json and OUT/report.md.
+same target in the same run. Resumable per (benchmark, drafter): finished pairs (with their
+per-round logs) are kept in OUT/partial/ and skipped on a rerun. Writes OUT/results.json,
+OUT/report.md and PNG plots.
 
 Protocol (as DeepSpec's evaluator): first turn only, the target's chat template, no system prompt
-added, batch 1, prompt i seeded with 980406 + i, tau includes the bonus token.
+added, every drafted token verified (no confidence cut), prompt i seeded with 980406 + i, tau
+includes the bonus token, batch 1 unless --batch-size says otherwise (wall-clock speedups are
+measured at the batch size used).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
@@ -20,10 +23,29 @@ from tqdm import tqdm
 from dspark.config import EngineConfig, SamplingParams, StopParams
 from dspark.data.prompts import read_prompts
 from dspark.engine.engine import Engine, Request
+from dspark.eval.calibration import calibration_metrics, survival_samples, threshold_sweep
 from dspark.eval.metrics import summarize_rounds
+from dspark.eval.report import report_markdown
 from dspark.text import encode_messages
 
 SEED = 980406
+THRESHOLDS = tuple(round(0.1 * i, 1) for i in range(10))
+# Benchmark file stem -> domain (paper Table 1's grouping); unknown stems fall back by prefix, then "other".
+DOMAINS = {
+    "gsm8k": "math", "math": "math", "math500": "math", "aime": "math", "aime24": "math", "aime25": "math",
+    "humaneval": "code", "mbpp": "code", "livecodebench": "code", "lcb": "code", "swe-bench": "code",
+    "mt-bench": "chat", "mt_bench": "chat", "alpaca": "chat", "arena-hard": "chat",
+}
+
+
+def domain_of(stem: str) -> str:
+    stem = stem.lower()
+    if stem in DOMAINS:
+        return DOMAINS[stem]
+    for prefix, domain in DOMAINS.items():
+        if stem.startswith(prefix):
+            return domain
+    return "other"
 
 
 @dataclass(frozen=True)
@@ -32,6 +54,8 @@ class EvalConfig:
     block_size: int = 7
     max_new_tokens: int = 256
     limit: int | None = None
+    batch_size: int = 1
+    thresholds: tuple[float, ...] = field(default=THRESHOLDS)
 
 
 def benchmark_files(specs: list[str]) -> list[Path]:
@@ -43,64 +67,147 @@ def benchmark_files(specs: list[str]) -> list[Path]:
 
 
 def run_pair(target, drafter, prompt_ids: list[list[int]], cfg: EvalConfig, desc: str) -> dict:
+    """One drafter over one benchmark: metrics plus the raw per-round logs (kept for pooling)."""
     max_len = max(map(len, prompt_ids)) + cfg.max_new_tokens
-    engine = Engine(target, drafter, EngineConfig(block_size=cfg.block_size, max_batch_size=1, max_seq_len=max_len))
-    rounds, tokens, seconds = [], 0, 0.0
-    for i, ids in enumerate(tqdm(prompt_ids, desc=desc, unit="prompt", leave=False)):
-        start = time.perf_counter()
-        out = engine.generate([Request(ids, SamplingParams(cfg.temperature, seed=SEED + i), StopParams(cfg.max_new_tokens))])[0]
-        seconds += time.perf_counter() - start
-        rounds.extend(out.stats.round_log)
-        tokens += out.stats.num_generated
+    engine = Engine(target, drafter, EngineConfig(block_size=cfg.block_size, max_batch_size=cfg.batch_size, max_seq_len=max_len))
+    rounds: list = []
+    confidences: list = []
+    tokens, seconds = 0, 0.0
+    bar = tqdm(total=len(prompt_ids), desc=desc, unit="prompt", leave=False)
+    for start in range(0, len(prompt_ids), cfg.batch_size):
+        batch = [Request(ids, SamplingParams(cfg.temperature, seed=SEED + start + j), StopParams(cfg.max_new_tokens), request_id=start + j)
+                 for j, ids in enumerate(prompt_ids[start : start + cfg.batch_size])]
+        t0 = time.perf_counter()
+        outs = engine.generate(batch)
+        seconds += time.perf_counter() - t0
+        for out in sorted(outs, key=lambda o: o.request_id):
+            rounds.extend(out.stats.round_log)
+            confidences.extend(out.stats.confidence_log)
+            tokens += out.stats.num_generated
+        bar.update(len(batch))
+    bar.close()
+    temps = list(getattr(drafter, "confidence_temperatures", ()) or ())
     return {**summarize_rounds(rounds, cfg.block_size), "tokens": tokens, "seconds": seconds,
-            "tokens_per_second": tokens / seconds if seconds else 0.0}
+            "tokens_per_second": tokens / seconds if seconds else 0.0,
+            "logs": {"rounds": rounds, "confidences": confidences, "temperatures": temps}}
 
 
-def run_eval(target, drafters: dict, benchmarks: list[str], out_dir, cfg: EvalConfig) -> dict:
+def _confidence_results(logs: dict, cfg: EvalConfig) -> dict | None:
+    """Calibration as served (and before calibration, when temperatures were applied) + threshold sweep."""
+    samples = survival_samples(logs["rounds"], logs["confidences"], cfg.block_size, logs["temperatures"])
+    if len(samples) == 0:
+        return None
+    temps = logs["temperatures"] or None
+    out = {"calibration": calibration_metrics(samples, temps),
+           "threshold_sweep": threshold_sweep(samples, cfg.thresholds, temps)}
+    if temps:
+        out["calibration_before"] = calibration_metrics(samples)
+    return out
+
+
+def run_eval(target, drafters: dict, benchmarks: list[str], out_dir, cfg: EvalConfig, plots: bool = True) -> dict:
     """drafters: name -> Drafter (the name 'none' is run as the baseline if absent)."""
     from dspark.drafters.simple import NoDrafter
 
     out = Path(out_dir)
     (out / "partial").mkdir(parents=True, exist_ok=True)
     runs = {"none": NoDrafter(), **drafters}
-    results: dict = {"config": cfg.__dict__, "benchmarks": {}}
+    results: dict = {"config": asdict(cfg), "benchmarks": {}, "domains": {}}
+    pooled: dict[tuple[str, str], dict] = {}
     for file in benchmark_files(benchmarks):
         prompts = read_prompts([file])[: cfg.limit]
         ids = [encode_messages(target.tokenizer, list(p.messages)) for p in prompts]
-        bench = results["benchmarks"].setdefault(file.stem, {"prompts": len(ids)})
+        bench = results["benchmarks"].setdefault(file.stem, {"prompts": len(ids), "domain": domain_of(file.stem), "drafters": {}})
         for name, drafter in runs.items():
-            partial = out / "partial" / f"{file.stem}__{Path(name).name}.json"
+            label = Path(name).name
+            partial = out / "partial" / f"{file.stem}__{label}.json"
             if partial.is_file():
-                bench[name] = json.loads(partial.read_text())
-                continue
-            bench[name] = run_pair(target, drafter, ids, cfg, f"{file.stem} / {Path(name).name}")
-            tmp = partial.with_suffix(".tmp")
-            tmp.write_text(json.dumps(bench[name]))
-            os.replace(tmp, partial)
-        base = bench["none"]["tokens_per_second"]
-        for name in runs:
-            bench[name]["speedup_vs_plain"] = bench[name]["tokens_per_second"] / base if base else math.nan
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+                pair = json.loads(partial.read_text())
+            else:
+                pair = run_pair(target, drafter, ids, cfg, f"{file.stem} / {label}")
+                tmp = partial.with_suffix(".tmp")
+                tmp.write_text(json.dumps(pair))
+                os.replace(tmp, partial)
+            logs = pair.pop("logs")
+            extra = _confidence_results(logs, cfg)
+            if extra:
+                pair.update(extra)
+            bench["drafters"][label] = pair
+            pool = pooled.setdefault((bench["domain"], label), {"rounds": [], "confidences": [], "temperatures": logs["temperatures"]})
+            pool["rounds"] += logs["rounds"]
+            pool["confidences"] += logs["confidences"]
+        base = bench["drafters"]["none"]["tokens_per_second"]
+        for pair in bench["drafters"].values():
+            pair["speedup_vs_plain"] = pair["tokens_per_second"] / base if base else math.nan
+    for (domain, label), logs in pooled.items():
+        entry = {**summarize_rounds(logs["rounds"], cfg.block_size)}
+        extra = _confidence_results(logs, cfg)
+        if extra:
+            entry["threshold_sweep"] = extra["threshold_sweep"]
+            entry["ece_mean"] = extra["calibration"]["ece_mean"]
+            entry["auroc_mean"] = extra["calibration"]["auroc_mean"]
+        results["domains"].setdefault(domain, {})[label] = entry
+    results["plots"] = write_plots(results, out) if plots else []
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out / "results.json")
     (out / "report.md").write_text(report_markdown(results))
     return results
 
 
-def report_markdown(results: dict) -> str:
-    lines = ["| benchmark | drafter | tau | verified/round | acceptance rate | tok/s | speedup vs plain |",
-             "|---|---|---|---|---|---|---|"]
-    for bench, per in results["benchmarks"].items():
-        for name, r in per.items():
-            if name == "prompts":
-                continue
-            lines.append(f"| {bench} | {name} | {r['accept_length']:.2f} | {r['verified_per_round']:.2f} | "
-                         f"{r['acceptance_rate']:.2f} | {r['tokens_per_second']:.1f} | {r['speedup_vs_plain']:.2f}x |")
-    lines += ["", "Conditional acceptance per draft position (paper Fig. 2):", "",
-              "| benchmark | drafter | " + " | ".join(f"pos {k + 1}" for k in range(results["config"]["block_size"])) + " |",
-              "|---|---|" + "---|" * results["config"]["block_size"]]
-    for bench, per in results["benchmarks"].items():
-        for name, r in per.items():
-            if name in ("prompts", "none"):
-                continue
-            cells = " | ".join("-" if math.isnan(x) else f"{x:.2f}" for x in r["conditional_acceptance"])
-            lines.append(f"| {bench} | {name} | {cells} |")
-    return "\n".join(lines) + "\n"
+def write_plots(results: dict, out: Path) -> list[str]:
+    """tau per benchmark, conditional acceptance per domain, and per drafter with confidences the
+    threshold sweep and reliability diagrams (first benchmark's calibration pooled by domain is in
+    results.json; the diagram shows each benchmark's own)."""
+    from dspark.eval import plots
+
+    files = [plots.plot_tau({b: {d: r["accept_length"] for d, r in v["drafters"].items()}
+                             for b, v in results["benchmarks"].items()}, out / "tau.png")]
+    files.append(plots.plot_conditional_acceptance(
+        {dom: {d: r["conditional_acceptance"] for d, r in per.items() if d != "none"} for dom, per in results["domains"].items()},
+        out / "conditional_acceptance.png"))
+    drafters = {d for per in results["domains"].values() for d, r in per.items() if "threshold_sweep" in r}
+    for d in sorted(drafters):
+        sweeps = {dom: per[d]["threshold_sweep"] for dom, per in results["domains"].items() if "threshold_sweep" in per.get(d, {})}
+        files.append(plots.plot_threshold_sweep(sweeps, out / f"threshold_sweep_{d}.png", title=d))
+    for bench, v in results["benchmarks"].items():
+        for d, r in v["drafters"].items():
+            if "calibration" in r:
+                before, after = (r["calibration_before"], r["calibration"]) if "calibration_before" in r else (r["calibration"], None)
+                files.append(plots.plot_reliability(before, after, out / f"reliability_{bench}_{d}.png"))
+    return [str(Path(f).name) for f in files]
+
+
+def calibrate_drafter(target, drafter_dir: str | Path, prompt_files: list[str], cfg: EvalConfig, plot: bool = True) -> dict:
+    """Fit Sequential Temperature Scaling on held-out prompts and store calibration.json in the
+    drafter folder (the engine applies it on load). Runs with raw confidences and full verification."""
+    from dspark.drafters.checkpoint import load_drafter, write_calibration
+    from dspark.errors import DSparkError
+    from dspark.eval.calibration import fit_sts
+
+    drafter = load_drafter(drafter_dir, target, calibrated=False)
+    if getattr(getattr(drafter, "model", None), "confidence_head", None) is None:
+        raise DSparkError(f"{drafter_dir} has no confidence head (a {drafter.name} drafter); nothing to calibrate")
+    block = drafter.config.block_size
+    cfg = EvalConfig(cfg.temperature, block, cfg.max_new_tokens, cfg.limit, cfg.batch_size, cfg.thresholds)
+    files = benchmark_files(prompt_files)
+    ids = [encode_messages(target.tokenizer, list(p.messages)) for f in files for p in read_prompts([f])[: cfg.limit]]
+    if not ids:
+        raise DSparkError(f"no prompts in {', '.join(map(str, files))}")
+    logs = run_pair(target, drafter, ids, cfg, "calibrate")["logs"]
+    samples = survival_samples(logs["rounds"], logs["confidences"], block)
+    temps = fit_sts(samples)
+    before, after = calibration_metrics(samples), calibration_metrics(samples, temps)
+    calibration = {
+        "method": "sts", "temperatures": temps,
+        "ece_before": [p["ece"] for p in before["positions"]], "ece_after": [p["ece"] for p in after["positions"]],
+        "ece_mean_before": before["ece_mean"], "ece_mean_after": after["ece_mean"],
+        "auroc": [p["auroc"] for p in after["positions"]], "num_rounds": len(samples),
+        "dataset": ",".join(f.stem for f in files), "sampling_temperature": cfg.temperature,
+    }
+    write_calibration(drafter_dir, calibration)
+    if plot:
+        from dspark.eval.plots import plot_reliability
+
+        plot_reliability(before, after, Path(drafter_dir) / "calibration.png")
+    return calibration
