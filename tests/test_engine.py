@@ -202,3 +202,27 @@ def test_greedy_and_sampled_requests_share_a_batch(target):
     first, second = run(1), run(2)
     assert first[0].token_ids == expected_greedy(target, PROMPTS[0], 12)
     assert first[1].token_ids == second[1].token_ids
+
+
+def test_aborting_a_request_frees_its_slot_and_leaves_the_others_intact(target):
+    engine = Engine(target, NgramDrafter(), EngineConfig(block_size=3, max_batch_size=2, max_seq_len=64))
+    requests = [Request(p, stop=StopParams(max_new_tokens=12), request_id=i) for i, p in enumerate(PROMPTS)]
+    for r in requests:
+        engine.add_request(r)
+    engine.step()  # two running, one waiting
+    running = [r for r, _ in engine.running_tokens()]
+    assert len(running) == 2 and all(len(tokens) >= 1 for _, tokens in engine.running_tokens())
+    gone = engine.abort(running[0])
+    assert gone.finish_reason == "abort" and gone.token_ids
+    assert engine.abort(running[0]) is None  # already gone
+    waiting_abort = Request(PROMPTS[0], request_id="w")
+    engine.add_request(waiting_abort)
+    assert engine.abort(waiting_abort).token_ids == []
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            done[out.request_id] = out
+    for i, r in enumerate(requests):
+        if r is not running[0]:
+            assert done[i].token_ids == expected_greedy(target, PROMPTS[i], 12)
+    assert not engine.running and all(not used for used in engine.cache.in_use)

@@ -24,7 +24,10 @@ from dspark.errors import DSparkError
 from dspark.models.target import LoadedModel
 from dspark.sampling import logits_to_probs, make_generator, sample_rows
 
-# policy(draft_requests, proposals) -> verification length per row, each in [0, len(proposal)]
+# policy(draft_requests, proposals) -> verification length per row, each in [0, len(proposal)].
+# A policy may also define observe(draft_requests, lengths, num_accepted), called after each
+# verification (e.g. to estimate acceptance for drafters without confidences); it must decide a
+# row's length for position k without looking at the drafted token at k (paper Appendix A).
 Policy = Callable[[Sequence[DraftRequest], Sequence[Proposal]], Sequence[int]]
 
 
@@ -94,7 +97,7 @@ class RequestOutput:
     request_id: str | int | None
     prompt_ids: list[int]
     token_ids: list[int]  # generated, including a final stop token if one ended the request
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "abort"
     stats: RequestStats
     request: Request = field(repr=False)
 
@@ -123,6 +126,7 @@ class EngineTimings:
     propose_s: float = 0.0
     target_forward_s: float = 0.0
     prefill_s: float = 0.0
+    verified_tokens: int = 0  # tokens through verification forwards (pending + verified drafts)
 
 
 class Engine:
@@ -159,6 +163,23 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def abort(self, request: Request) -> RequestOutput | None:
+        """Drop a waiting or running request (e.g. its client went away); its slot is freed at once.
+        Returns its output so far (finish_reason "abort"), or None if it is not here."""
+        for i, waiting in enumerate(self.waiting):
+            if waiting is request:
+                del self.waiting[i]
+                return RequestOutput(request.request_id, list(request.prompt_ids), [], "abort", RequestStats(), request)
+        for s in self.running.values():
+            if s.request is request:
+                s.finish_reason = "abort"
+                return self._finish(s)
+        return None
+
+    def running_tokens(self) -> list[tuple[Request, list[int]]]:
+        """Each running request with the tokens it has generated so far (for streaming)."""
+        return [(s.request, s.tokens[len(s.request.prompt_ids):]) for s in self.running.values()]
 
     def generate(self, requests: Iterable[Request], policy: Policy = verify_all) -> list[RequestOutput]:
         """Run requests to completion; outputs in input order."""
@@ -242,11 +263,15 @@ class Engine:
             hidden_layers=self.drafter.feature_layers,
         )
         self.timings.target_forward_s += time.perf_counter() - t0
+        self.timings.verified_tokens += len(states) + sum(lengths)
         drafts = [p.tokens[:n] for p, n in zip(proposals, lengths)]
         draft_probs = [p.draft_probs[:n] if p.draft_probs is not None else None for p, n in zip(proposals, lengths)]
         result = verify_ragged(
             out.logits, drafts, draft_probs, [s.request.sampling for s in states], [s.generator for s in states]
         )
+        observe = getattr(policy, "observe", None)
+        if observe is not None:
+            observe(requests, lengths, result.num_accepted)
         finished = []
         for row, s in enumerate(states):
             a = result.num_accepted[row]
