@@ -194,8 +194,11 @@ def load_exact(model: nn.Module, state: dict[str, torch.Tensor], problem: str, d
 
 
 def read_calibration(path: str | Path) -> dict | None:
-    """The folder's calibration.json (per-position confidence temperatures), or None if absent."""
+    """The folder's calibration.json (per-position confidence temperatures), else SGLang's sts.json
+    (what an export or a DeepSpec-layout folder carries), or None if neither is there."""
     file = Path(path) / CALIBRATION_FILE
+    if not file.is_file():
+        file = Path(path) / "sts.json"
     if not file.is_file():
         return None
     raw = json.loads(file.read_text())

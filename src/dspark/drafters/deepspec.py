@@ -65,6 +65,14 @@ def deepspec_to_config(raw: dict, target: LoadedModel) -> DSparkConfig:
     )
 
 
+def same_at_coarser_precision(stored: torch.Tensor, own: torch.Tensor) -> bool:
+    """Equal once both are rounded to the narrower dtype: a bf16 copy of an fp32 target's matrix
+    matches it, and so does an fp32 copy of a bf16 target's."""
+    if stored.dtype.itemsize < own.dtype.itemsize:
+        return torch.equal(stored, own.to(stored.dtype))
+    return torch.equal(stored.to(own.dtype), own)
+
+
 def load_deepspec_model(folder: Path, target: LoadedModel) -> DSparkModel:
     from safetensors.torch import load_file
 
@@ -81,7 +89,7 @@ def load_deepspec_model(folder: Path, target: LoadedModel) -> DSparkModel:
     state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in state.items()}
     own = {"embed_tokens.weight": target.model.model.embed_tokens.weight, "lm_head.weight": target.model.lm_head.weight}
     for key in SHARED_KEYS:
-        if key in state and not torch.equal(state.pop(key).to(own[key].dtype), own[key]):
+        if key in state and not same_at_coarser_precision(state.pop(key), own[key]):
             raise DSparkError(f"{folder}: {key} differs from target {target.spec!r}'s: the drafter was made for another target")
     model = build_dspark_model(config, target, seed=None)
     load_exact(model, state, f"{folder}: weights do not match the DeepSpec layout", target.model.dtype)

@@ -75,9 +75,11 @@ class RequestStats:
     def tokens_per_second(self) -> float:
         return self.num_generated / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
-    def record_round(self, num_verified: int, num_accepted: int, committed: int, num_proposed: int) -> None:
+    def record_round(self, num_verified: int, num_accepted: int, committed: int, num_proposed: int,
+                     confidences: torch.Tensor | None = None) -> None:
         self.rounds += 1
         self.round_log.append((num_verified, num_accepted, committed))
+        self.confidence_log.append(confidences.tolist() if confidences is not None else [])
         self.committed_in_rounds += committed
         self.num_proposed += num_proposed
         self.num_verified += num_verified
@@ -281,9 +283,7 @@ class Engine:
             self.drafter.commit(s.slot, a, features)
             before = s.num_generated
             stopped = self._commit(s, new_tokens)
-            s.stats.record_round(lengths[row], a, s.num_generated - before, len(proposals[row]))
-            conf = proposals[row].confidences
-            s.stats.confidence_log.append(conf.tolist() if conf is not None else [])
+            s.stats.record_round(lengths[row], a, s.num_generated - before, len(proposals[row]), proposals[row].confidences)
             if stopped:
                 finished.append(self._finish(s))
         self.timings.rounds += 1
