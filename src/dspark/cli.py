@@ -155,6 +155,16 @@ def add_drafter_parser(sub) -> None:
     info = dsub.add_parser("info", help="print a drafter's config and parameter counts")
     info.add_argument("path")
     info.set_defaults(func=run_drafter_info)
+    export = dsub.add_parser("export", help="write a drafter folder that vLLM and SGLang load (DeepSpec layout)")
+    export.add_argument("path", help="a drafter folder (drafter init / training, or an imported DeepSpec folder)")
+    export.add_argument("--format", dest="fmt", default="deepspec", choices=["deepspec", "speculators"],
+                        help="deepspec: vLLM and SGLang; speculators: vLLM only")
+    export.add_argument("--out", required=True, help="new folder (refused if it exists and is not empty)")
+    export.add_argument("--target", required=True,
+                        help="the Qwen3 target the drafter was made for (both engines serve DSpark for Qwen3 only)")
+    export.add_argument("--profile", help="cost table JSON (dspark profile) -> SGLang's sps.json (hardware-specific)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    export.set_defaults(func=run_drafter_export)
 
 
 def run_drafter_init(args) -> int:
@@ -194,6 +204,16 @@ def run_drafter_info(args) -> int:
     print(json.dumps({"arch": raw["arch"], "config": raw["config"], "parameters": counts,
                       "total_parameters": sum(counts.values()),
                       "note": "embedding and LM head are the target's (shared, not stored)"}, indent=2))
+    return 0
+
+
+def run_drafter_export(args) -> int:
+    from dspark.drafters.export import export_drafter
+    from dspark.models.target import load_model
+
+    target = load_model(args.target, "bf16", with_tokenizer=False)
+    out = export_drafter(args.path, target, args.fmt, out=args.out, cost_profile=args.profile, overwrite=args.overwrite)
+    print(f"wrote a {args.fmt} export of {args.path} to {out}")
     return 0
 
 
@@ -384,6 +404,76 @@ def run_eval_command(args) -> int:
     return 0
 
 
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (serve extra)")
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--drafter", default="ngram", help="ngram, none, draft-model or a drafter folder")
+    p.add_argument("--draft-model", help="model spec for --drafter draft-model")
+    p.add_argument("--policy", default="fixed", help="none, fixed[:K], threshold[:C], scheduled, async")
+    p.add_argument("--cost", help="cost table JSON for scheduled/async (dspark profile; default: profiled at start-up)")
+    p.add_argument("--threshold", type=float, help="confidence cut for --policy threshold")
+    p.add_argument("--block-size", type=_non_negative_int, help="draft tokens verified per round at most (K)")
+    p.add_argument("--max-batch-size", type=_positive_int, help="requests decoding at once (engine slots)")
+    p.add_argument("--max-seq-len", type=_positive_int, help="context per request (default: min(2048, model's))")
+    p.add_argument("--max-queue", type=_non_negative_int, default=64, help="waiting requests before 503")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    p.add_argument("--port", type=_positive_int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--model-name", help="name served in /v1/models (default: the target's)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args) -> int:
+    from dspark.serve.server import serve
+
+    serve(args.target, args.drafter, args.policy, host=args.host, port=args.port, api_key=args.api_key,
+          max_batch_size=args.max_batch_size, block_size=args.block_size, max_seq_len=args.max_seq_len,
+          draft_model=args.draft_model, dtype=args.dtype, max_queue=args.max_queue,
+          model_name=args.model_name, cost=args.cost, threshold=args.threshold)
+    return 0
+
+
+def add_loadtest_parser(sub) -> None:
+    p = sub.add_parser("loadtest", help="tok/s of a running server at several concurrency levels")
+    p.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--concurrency", default="1,2,4,8", help="comma-separated levels")
+    p.add_argument("--prompts", help="prompts file (as generate --prompts-file); default: built-in prompts")
+    p.add_argument("--max-tokens", type=_positive_int, default=128)
+    p.add_argument("--requests-per-level", type=_positive_int, default=16)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
+    p.add_argument("--no-stream", action="store_true", help="non-streaming requests (no time to first token)")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens (equal work per run)")
+    p.add_argument("--api-key")
+    p.add_argument("--out", required=True, help="report folder; runs with other labels there are plotted too")
+    p.add_argument("--label", required=True, help="this run's name, e.g. the server's policy")
+    p.set_defaults(func=run_loadtest_command)
+
+
+def run_loadtest_command(args) -> int:
+    from dspark.serve.loadtest import DEFAULT_PROMPTS, load_loadtest_results, run_loadtest, write_loadtest_report
+    from dspark.serve.server import require_serve_extra
+
+    require_serve_extra()
+    try:
+        levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    except ValueError:
+        raise DSparkError(f"--concurrency expects comma-separated integers, got {args.concurrency!r}") from None
+    if not levels or any(level < 1 for level in levels):
+        raise DSparkError(f"--concurrency needs levels >= 1, got {args.concurrency!r}")
+    prompts = read_prompts_file(args.prompts) if args.prompts else list(DEFAULT_PROMPTS)
+    result = run_loadtest(args.url, levels, prompts, args.max_tokens, args.requests_per_level, args.api_key,
+                          stream=not args.no_stream, chat=args.chat, temperature=args.temperature,
+                          ignore_eos=args.ignore_eos)
+    paths = write_loadtest_report(result, args.out, args.label)
+    runs = load_loadtest_results(args.out)
+    if len(runs) > 1:
+        write_loadtest_report(runs, args.out, "comparison")
+    print(paths["markdown"].read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark", description="Lossless speculative decoding with DSpark drafters")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -393,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_eval_parser(sub)
     add_calibrate_parser(sub)
+    add_serve_parser(sub)
+    add_loadtest_parser(sub)
     return parser
 
 
