@@ -184,3 +184,21 @@ def test_a_drafter_made_for_another_target_is_refused(capsys, tiny_dirs, tmp_pat
     capsys.readouterr()
     code, _, err = run(capsys, "--target", str(tiny_dirs["llama"]), "--drafter", str(tmp_path / "d"), "--prompt", "w5")
     assert code == 2 and "was made for a target with architecture 'qwen3'" in err
+
+
+def test_profile_then_simulate(capsys, tiny_dirs, tmp_path):
+    cost = tmp_path / "cost.json"
+    assert main(["profile", "--target", str(tiny_dirs["llama"]), "--tokens", "1,4,8", "--context", "16",
+                 "--repeats", "2", "--block-size", "3", "--dtype", "fp32", "--out", str(cost)]) == 0
+    table = json.loads(cost.read_text())
+    assert table["tokens"] == [1, 4, 8] and all(s > 0 for s in table["sps"])
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps({"confidences": [0.9, 0.6, 0.3], "accepted": a}) + "\n" for a in (3, 1, 0, 2)))
+    capsys.readouterr()
+    assert main(["simulate", "--profile", str(cost), "--trace", str(trace), "--concurrency", "1,2",
+                 "--policies", "none,fixed:3,scheduled", "--steps", "8", "--out", str(tmp_path / "sim")]) == 0
+    rows = json.loads((tmp_path / "sim" / "simulation.json").read_text())
+    assert {(r["policy"], r["concurrency"]) for r in rows} == {(p, c) for p in ("none", "fixed:3", "scheduled") for c in (1, 2)}
+    assert (tmp_path / "sim" / "simulation.png").stat().st_size > 0
+    assert main(["simulate", "--profile", str(cost), "--trace", str(trace), "--policies", "bogus", "--out", str(tmp_path / "s2")]) == 2
+    assert "none, fixed" in capsys.readouterr().err

@@ -474,6 +474,74 @@ def run_loadtest_command(args) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def add_profile_parser(sub) -> None:
+    p = sub.add_parser("profile", help="measure the target's verification cost table SPS(B) on this machine")
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--drafter", help="also time one propose of this drafter (stored in the table's meta)")
+    p.add_argument("--draft-model", help="model spec for --drafter draft-model")
+    p.add_argument("--tokens", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64], help="verify batch sizes B (tokens)")
+    p.add_argument("--context", type=_non_negative_int, default=256, help="cached tokens per request")
+    p.add_argument("--block-size", type=_non_negative_int, default=8, help="rows hold at most K+1 tokens")
+    p.add_argument("--repeats", type=_positive_int, default=5)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--out", required=True, help="cost table JSON (dspark serve --cost, dspark simulate --profile)")
+    p.set_defaults(func=run_profile)
+
+
+def run_profile(args) -> int:
+    from dspark.drafters.registry import build_drafter
+    from dspark.engine.profile import profile_target
+    from dspark.models.target import load_model
+
+    target = load_model(args.target, args.dtype)
+    drafter = build_drafter(args.drafter, target, args.draft_model, args.dtype) if args.drafter else None
+    cost = profile_target(target, batch_tokens=args.tokens, context=args.context, repeats=args.repeats,
+                          block_size=args.block_size, drafter=drafter)
+    cost.save(args.out)
+    for b, sps in zip(cost.tokens, cost.sps):
+        print(f"B={b:5d}  {sps:9.2f} steps/s  {1000 / sps:8.2f} ms/step")
+    return 0
+
+
+def add_simulate_parser(sub) -> None:
+    p = sub.add_parser("simulate", help="replay a round trace under a cost table: tokens/s per policy and load")
+    p.add_argument("--profile", required=True, help="cost table JSON (dspark profile, or SGLang's sps.json)")
+    p.add_argument("--trace", required=True, help="JSONL of {confidences, accepted} per request-round")
+    p.add_argument("--concurrency", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+    p.add_argument("--policies", default="none,fixed,scheduled,async", help="none, fixed[:K], threshold[:C], scheduled, async")
+    p.add_argument("--steps", type=_positive_int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=run_simulate)
+
+
+def run_simulate(args) -> int:
+    from dspark.engine.cost import CostTable
+    from dspark.engine.simulate import plot_simulation, results_to_json, simulate
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    results = simulate(args.trace, CostTable.load(args.profile), policies, args.concurrency, steps=args.steps, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "simulation.json").write_text(json.dumps(results_to_json(results), indent=1) + "\n")
+    plot_simulation(results, out / "simulation.png")
+    print(f"{'policy':<14}{'R':>6}{'tok/s':>11}{'per user':>10}{'verif.':>8}{'tau':>7}{'speedup':>9}")
+    for r in results:
+        print(f"{r.policy:<14}{r.concurrency:>6}{r.tokens_per_s:>11.1f}{r.per_user_tokens_per_s:>10.2f}"
+              f"{r.mean_verified:>8.2f}{r.accept_length:>7.2f}{r.speedup:>8.2f}x")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dspark", description="Lossless speculative decoding with DSpark drafters")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -485,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibrate_parser(sub)
     add_serve_parser(sub)
     add_loadtest_parser(sub)
+    add_profile_parser(sub)
+    add_simulate_parser(sub)
     return parser
 
 

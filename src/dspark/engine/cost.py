@@ -1,0 +1,154 @@
+"""The cost table: steps per second SPS(B) of one target verification forward over B tokens.
+
+The hardware-aware scheduler (paper §3.2.2) trades expected accepted tokens against the time of a
+bigger verification batch; this table is the only thing it knows about the hardware. It is
+profiled once per machine and target (`dspark.engine.profile.profile_target`), stored as JSON, and
+looked up in O(log n) per candidate.
+
+Between profiled points the *time per step* (1 / SPS) is interpolated linearly, because forward
+time, not its inverse, is what grows roughly piecewise linearly with B. Below the first point the
+first value holds; beyond the last point time is extrapolated along the last two points, with a
+slope of at least zero so that time never decreases (and so never reaches zero) past the data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import tempfile
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dspark.errors import DSparkError
+
+FORMAT = "dspark-cost-table"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """tokens: strictly increasing total tokens B of a verify forward; sps: steps per second at B."""
+
+    tokens: tuple[int, ...]
+    sps: tuple[float, ...]
+    meta: dict = field(default_factory=dict, compare=False)  # device, target, dtype, context, ...
+
+    def __post_init__(self) -> None:
+        tokens, sps = tuple(self.tokens), tuple(self.sps)
+        if not tokens or len(tokens) != len(sps):
+            raise DSparkError(f"a cost table needs as many sps values as token counts (at least one), "
+                              f"got {len(tokens)} token counts and {len(sps)} sps values")
+        for b in tokens:
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                raise DSparkError(f"cost table token counts must be integers >= 1, got {b!r}")
+        for prev, b in itertools.pairwise(tokens):
+            if b <= prev:
+                raise DSparkError(f"cost table token counts must be strictly increasing, got {prev} then {b}")
+        for s in sps:
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+                raise DSparkError(f"cost table sps values must be finite numbers > 0, got {s!r}")
+        object.__setattr__(self, "tokens", tokens)
+        object.__setattr__(self, "sps", tuple(float(s) for s in sps))
+        object.__setattr__(self, "meta", dict(self.meta))
+
+    # ------------------------------------------------------------------------------------ lookups
+    def time_at(self, tokens: float) -> float:
+        """Seconds per verification step with `tokens` tokens in the batch (always > 0)."""
+        xs, sps = self.tokens, self.sps
+        if tokens <= xs[0]:
+            return 1.0 / sps[0]
+        if tokens >= xs[-1]:
+            if len(xs) == 1:
+                return 1.0 / sps[-1]
+            slope = max(0.0, (1.0 / sps[-1] - 1.0 / sps[-2]) / (xs[-1] - xs[-2]))
+            return 1.0 / sps[-1] + slope * (tokens - xs[-1])
+        i = bisect_right(xs, tokens)  # xs[i - 1] <= tokens < xs[i]
+        w = (tokens - xs[i - 1]) / (xs[i] - xs[i - 1])
+        return (1.0 - w) / sps[i - 1] + w / sps[i]
+
+    def sps_at(self, tokens: float) -> float:
+        """Steps per second SPS(B); exactly the stored value at a profiled point."""
+        i = bisect_right(self.tokens, tokens) - 1
+        if i >= 0 and self.tokens[i] == tokens:
+            return self.sps[i]
+        return 1.0 / self.time_at(tokens)
+
+    # --------------------------------------------------------------------------------- builders
+    @classmethod
+    def flat(cls, sps: float = 1.0, **meta) -> CostTable:
+        """Constant cost: a verification step takes the same time whatever B (verify-all is optimal
+        for every draft with a positive survival probability)."""
+        return cls((1,), (float(sps),), {"kind": "flat", **meta})
+
+    @classmethod
+    def gpu_shaped(cls, knee: int = 64, base_ms: float = 20.0, ms_per_token: float = 0.25,
+                   max_tokens: int | None = None, **meta) -> CostTable:
+        """SYNTHETIC, for simulation only: constant time per step up to `knee` tokens, then growing
+        linearly by `ms_per_token` — the shape of a GPU forward that is memory-bound (weights
+        streamed once per step) until the batch saturates compute. Not a measurement."""
+        if knee < 1 or base_ms <= 0 or ms_per_token < 0:
+            raise DSparkError(f"gpu_shaped needs knee >= 1, base_ms > 0, ms_per_token >= 0; "
+                              f"got {knee}, {base_ms}, {ms_per_token}")
+        top = max(max_tokens or 4 * knee, knee + 1)
+        points = sorted({1, knee, top})
+        times = [base_ms + ms_per_token * max(0, b - knee) for b in points]
+        return cls(tuple(points), tuple(1000.0 / t for t in times),
+                   {"kind": "synthetic-gpu-shaped", "knee": knee, "base_ms": base_ms,
+                    "ms_per_token": ms_per_token, **meta})
+
+    # --------------------------------------------------------------------------------------- I/O
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, "tokens": list(self.tokens), "sps": list(self.sps),
+                "meta": self.meta}
+
+    @classmethod
+    def from_json(cls, data: object, source: str = "cost table") -> CostTable:
+        """Our format, or SGLang's `{"sample_batch_tokens": [...], "sample_steps_per_sec": [...]}`."""
+        if not isinstance(data, dict):
+            raise DSparkError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        if "sample_batch_tokens" in data and "tokens" not in data:
+            tokens, sps, meta = data["sample_batch_tokens"], data.get("sample_steps_per_sec"), {"from": "sglang"}
+        else:
+            fmt = data.get("format")
+            if fmt != FORMAT:
+                raise DSparkError(f"{source}: 'format' is {fmt!r}, expected {FORMAT!r}")
+            if data.get("version") != VERSION:
+                raise DSparkError(f"{source}: version {data.get('version')!r} is not supported (expected {VERSION})")
+            tokens, sps, meta = data.get("tokens"), data.get("sps"), data.get("meta", {})
+        for key, value in (("tokens", tokens), ("sps", sps)):
+            if not isinstance(value, list):
+                raise DSparkError(f"{source}: '{key}' must be a list, got {value!r}")
+        if not isinstance(meta, dict):
+            raise DSparkError(f"{source}: 'meta' must be an object, got {meta!r}")
+        try:
+            return cls(tuple(tokens), tuple(sps), meta)
+        except DSparkError as err:
+            raise DSparkError(f"{source}: {err}") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (a temporary file in the same folder, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_json(), f, indent=1)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostTable:
+        path = Path(path)
+        if not path.is_file():
+            raise DSparkError(f"cost table {str(path)!r} does not exist (write one with `dspark profile`)")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise DSparkError(f"cost table {str(path)!r} is not valid JSON ({err.msg}, line {err.lineno})") from None
+        return cls.from_json(data, source=f"cost table {str(path)!r}")

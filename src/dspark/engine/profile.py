@@ -1,0 +1,158 @@
+"""Measure the cost table SPS(B) of a target's verification forward on this machine.
+
+A verify forward of B tokens is what the engine runs each round: ragged rows of 1 + l_r tokens
+(at most block_size + 1), one per request, each over its own cached context. We time exactly that
+call — `target.model(ids, positions, slots, cache, hidden_layers=...)` on a cache from
+`target.build_cache` — with rows of `context` cached tokens, after a warm-up, and keep the median
+of a few repeats. The optional drafter cost (one `propose` for R requests) goes into `meta`.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dspark.config import SamplingParams
+from dspark.drafters.base import Drafter, DraftRequest
+from dspark.engine.cost import CostTable
+from dspark.errors import DSparkError
+from dspark.models.target import LoadedModel
+
+DEFAULT_BATCH_TOKENS = (1, 2, 4, 8, 16, 32, 64)
+PREFILL_ROWS = 16  # context prefill in chunks of rows, so large batches do not need all logits at once
+
+
+def even_rows(num_tokens: int, block_size: int) -> list[int]:
+    """Split B tokens into the fewest rows of at most block_size + 1 tokens, lengths within one."""
+    width = block_size + 1
+    rows = -(-num_tokens // width)
+    base, extra = divmod(num_tokens, rows)
+    return [base + 1] * extra + [base] * (rows - extra)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds(fn: Callable[[], object], repeats: int, warmup: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"{device.type}:{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+@torch.inference_mode()
+def profile_target(
+    target: LoadedModel,
+    batch_tokens: Sequence[int] = DEFAULT_BATCH_TOKENS,
+    context: int = 256,
+    repeats: int = 5,
+    rows_of: Callable[[int], list[int]] | None = None,
+    block_size: int = 8,
+    warmup: int = 2,
+    feature_layers: tuple[int, ...] | None = None,
+    drafter: Drafter | None = None,
+    drafter_requests: Sequence[int] = (1,),
+    seed: int = 0,
+) -> CostTable:
+    """SPS(B) for each B in `batch_tokens` (sorted, deduplicated); `rows_of(B)` gives the row
+    lengths (default: `even_rows(B, block_size)`). `feature_layers` are the hidden layers the
+    forward also returns, as the engine asks for them (default: the drafter's, else none). With a
+    `drafter`, the median time of one propose for R requests is stored in
+    meta["drafter_propose_s"] for each R in `drafter_requests`."""
+    points = sorted({int(b) for b in batch_tokens})
+    if not points or points[0] < 1:
+        raise DSparkError(f"batch_tokens must be integers >= 1, got {list(batch_tokens)}")
+    if repeats < 1 or warmup < 0 or context < 0:
+        raise DSparkError(f"need repeats >= 1, warmup >= 0, context >= 0; got {repeats}, {warmup}, {context}")
+    rows_of = rows_of or (lambda b: even_rows(b, block_size))
+    if feature_layers is None:
+        feature_layers = tuple(drafter.feature_layers) if drafter is not None else ()
+    layout = {b: rows_of(b) for b in points}
+    for b, rows in layout.items():
+        if sum(rows) != b or min(rows) < 1:
+            raise DSparkError(f"rows_of({b}) gave {rows}: row lengths must be >= 1 and add up to {b}")
+    width_max = max(max(rows) for rows in layout.values())
+    if context + width_max > target.max_position_embeddings:
+        raise DSparkError(f"context {context} + rows of {width_max} tokens exceed the target's context "
+                          f"{target.max_position_embeddings}")
+    device = target.model.device
+    num_slots = max(len(rows) for rows in layout.values())
+    cache = target.build_cache(num_slots, context + width_max, headroom=width_max + 2)
+    gen = torch.Generator().manual_seed(seed)
+    for first in range(0, num_slots if context else 0, PREFILL_ROWS):  # real K/V in every slot's context
+        slots = torch.arange(first, min(first + PREFILL_ROWS, num_slots), device=device)
+        prompt = torch.randint(0, target.vocab_size, (len(slots), context), generator=gen).to(device)
+        target.model(prompt, torch.arange(context, device=device).expand(len(slots), context), slots, cache,
+                     last_only=True)
+    sps, spread = [], {}
+    for b in points:
+        rows = layout[b]
+        width = max(rows)  # the engine pads ragged rows to the widest one
+        ids = torch.randint(0, target.vocab_size, (len(rows), width), generator=gen).to(device)
+        positions = (context + torch.arange(width)).expand(len(rows), width).to(device)
+        slots = torch.arange(len(rows), device=device)
+
+        def forward(ids=ids, positions=positions, slots=slots):
+            return target.model(ids, positions, slots, cache, hidden_layers=feature_layers)
+
+        times = _seconds(forward, repeats, warmup, device)
+        sps.append(1.0 / statistics.median(times))
+        spread[str(b)] = [min(times), max(times)]  # a wide spread means a busy machine: profile again
+    meta = {
+        "device": _device_name(device), "torch": torch.__version__, "dtype": str(target.model.dtype).removeprefix("torch."),
+        "target": target.spec, "target_fingerprint": target.fingerprint, "context": context,
+        "block_size": block_size, "repeats": repeats, "rows": {str(b): layout[b] for b in points},
+        "seconds_min_max": spread,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if drafter is not None:
+        meta["drafter"] = getattr(drafter, "name", type(drafter).__name__)
+        meta["drafter_propose_s"] = profile_drafter(target, drafter, drafter_requests, context, block_size,
+                                                    repeats, warmup, seed)
+    return CostTable(tuple(points), tuple(sps), meta)
+
+
+@torch.inference_mode()
+def profile_drafter(target: LoadedModel, drafter: Drafter, requests: Sequence[int], context: int,
+                    block_size: int, repeats: int = 5, warmup: int = 2, seed: int = 0) -> dict[str, float]:
+    """Median seconds of one `propose` of block_size tokens for R requests of `context` tokens each."""
+    device = target.model.device
+    out = {}
+    gen = torch.Generator().manual_seed(seed)
+    context = max(context, 1)  # a request needs at least its pending token
+    for num in sorted(set(requests)):
+        drafter.setup(num, context + block_size + 2, block_size)
+        prompts = torch.randint(0, target.vocab_size, (num, context), generator=gen)
+        prefill = target.model(
+            prompts[:, :-1].to(device), torch.arange(context - 1, device=device).expand(num, context - 1),
+            torch.arange(num, device=device), target.build_cache(num, context, headroom=2),
+            last_only=True, hidden_layers=drafter.feature_layers,
+        ) if context > 1 else None
+        for slot in range(num):
+            features = prefill.hidden_states[slot] if prefill is not None and prefill.hidden_states is not None else None
+            drafter.begin(slot, prompts[slot, :-1].tolist(), features)
+        params = SamplingParams(temperature=1.0)
+        reqs = [DraftRequest(slot, prompts[slot].tolist(), block_size, params, torch.Generator().manual_seed(seed + slot))
+                for slot in range(num)]
+        out[str(num)] = statistics.median(_seconds(lambda reqs=reqs: drafter.propose(reqs), repeats, warmup, device))
+        for slot in range(num):
+            drafter.release(slot)
+    return out

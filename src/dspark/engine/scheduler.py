@@ -1,0 +1,327 @@
+"""Verification policies: how many of each request's drafts one round verifies.
+
+Pure functions on plain lists come first (tested with tables and properties); thin adapters with
+the engine's Policy signature follow. Terms (paper §3.2.2):
+
+* c_{r,j}  per-position confidence of request r's draft j (j = 1..K), an estimate of
+  P(draft j accepted | drafts < j accepted); computed before draft j is sampled.
+* a_{r,j} = prod_{i<=j} c_{r,i}: prefix survival, P(drafts 1..j all accepted).
+* B = sum_r (1 + l_r) tokens per verify forward; tau = sum_r (1 + sum_{j<=l_r} a_{r,j}) expected
+  committed tokens; throughput Theta = tau * SPS(B).
+
+Losslessness (paper Appendix A, ENGINE-NOTES): a length vector is lossless whenever the decision
+"l_r >= j" does not depend on the drafted token x_{r,j} itself. c_{r,j} depends on x_{r,<j} only,
+so a_{r,j+1} depends on x_{r,j}; every rule below decides position j from candidates that rank
+before (r, j) in the admission order, and the tie rule keeps (r, j+1) after (r, j). The one
+exception is `scheduled_lengths(..., early_stop=False)`, kept to demonstrate Appendix A.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from dspark.drafters.base import DraftRequest, Proposal
+from dspark.engine.cost import CostTable
+from dspark.errors import DSparkError
+
+__all__ = [  # CostTable lives in dspark.engine.cost and is re-exported here
+    "POLICY_NAMES", "AsyncScheduledPolicy", "CostTable", "FixedPolicy", "NonePolicy", "OnlineAcceptance",
+    "EstimatedPolicy", "ScheduledPolicy", "ThresholdPolicy", "async_budget", "build_policy", "fixed_lengths", "proposal_inputs",
+    "scheduled_lengths", "threshold_lengths", "top_k_lengths",
+]
+
+Confidences = Sequence[Sequence[float]]  # per request, per position (at least max_lengths[r] values)
+
+
+# ----------------------------------------------------------------------------------- pure rules
+def _row(confidences: Confidences, max_lengths: Sequence[int], r: int) -> list[float]:
+    """Row r's confidences, cut to its cap and clamped into [0, 1] (NaN counts as 0)."""
+    cap = max_lengths[r]
+    if cap < 0:
+        raise ValueError(f"max_lengths[{r}] = {cap} is negative")
+    row = list(confidences[r])
+    if len(row) < cap:
+        raise ValueError(f"request {r} has {len(row)} confidences but may verify up to {cap} drafts")
+    return [min(1.0, max(0.0, c)) if not math.isnan(c) else 0.0 for c in row[:cap]]
+
+
+def _candidates(confidences: Confidences, max_lengths: Sequence[int]) -> list[tuple[float, int, int]]:
+    """Every (a_{r,j}, r, j) with a > 0, in admission order: a descending, ties by (r, j).
+
+    Since c <= 1 makes the rounded product a_{r,j+1} <= a_{r,j}, the order always puts (r, j)
+    before (r, j + 1), so admitting a prefix of this list admits a prefix of every request.
+    """
+    if len(confidences) != len(max_lengths):
+        raise ValueError(f"{len(confidences)} confidence rows for {len(max_lengths)} requests")
+    out = []
+    for r in range(len(max_lengths)):
+        a = 1.0
+        for j, c in enumerate(_row(confidences, max_lengths, r), 1):
+            a *= c
+            if a <= 0.0:
+                break
+            out.append((a, r, j))
+    out.sort(key=lambda t: (-t[0], t[1], t[2]))
+    return out
+
+
+def _lengths_of(admitted: Sequence[tuple[float, int, int]], num_rows: int) -> list[int]:
+    lengths = [0] * num_rows
+    for _, r, j in admitted:
+        lengths[r] = max(lengths[r], j)
+    return lengths
+
+
+def fixed_lengths(max_lengths: Sequence[int], k: int) -> list[int]:
+    """Verify min(k, cap) drafts of every request."""
+    if k < 0:
+        raise DSparkError(f"fixed verification length must be >= 0, got {k}")
+    return [min(k, m) for m in max_lengths]
+
+
+def threshold_lengths(confidences: Confidences, max_lengths: Sequence[int], threshold: float) -> list[int]:
+    """DeepSpec's static rule: verify up to (not including) the first position whose *own*
+    confidence c_{r,j} < threshold (not the product)."""
+    lengths = []
+    for r in range(len(max_lengths)):
+        row = _row(confidences, max_lengths, r)
+        lengths.append(next((j for j, c in enumerate(row) if c < threshold), len(row)))
+    return lengths
+
+
+def _greedy_path(candidates: Sequence[tuple[float, int, int]], num_rows: int, cost: CostTable,
+                 early_stop: bool) -> int:
+    """Algorithm 1's admission walk; returns how many leading candidates reach Theta_best.
+
+    Theta > Theta_best is tested as (tau - tau_best) * SPS(B) > tau_best * (SPS(B_best) - SPS(B)),
+    the same inequality rearranged so that a tiny a is not rounded away against a large tau (with
+    a flat table every a > 0 must be admitted, however many requests there are).
+    """
+    best_tau, best_sps, best_n = float(num_rows), cost.sps_at(num_rows), 0  # B = R, tau* = R
+    gain = 0.0  # tau - tau_best: survival admitted since the best prefix
+    for n, (a, _, _) in enumerate(candidates, 1):
+        gain += a
+        sps = cost.sps_at(num_rows + n)
+        if gain * sps > best_tau * (best_sps - sps):  # Theta > Theta_best
+            best_tau, best_sps, best_n, gain = best_tau + gain, sps, n, 0.0
+        elif early_stop:
+            break  # Algorithm 1, line 13: the decision never looks past the first non-improving step
+    return best_n
+
+
+def scheduled_lengths(confidences: Confidences, max_lengths: Sequence[int], cost: CostTable,
+                      early_stop: bool = True) -> list[int]:
+    """Algorithm 1 (hardware-aware prefix scheduler), exactly, with early stop.
+
+    early_stop=False is the retrospective global search (the best prefix of the whole admission
+    order). It is NOT lossless for confidences that depend on earlier drafts (Appendix A) and exists
+    to demonstrate that; `AsyncScheduledPolicy` uses it only on confidences from earlier rounds.
+    Deviation from the pseudo-code: with the break removed, line 11 would record only the admitted
+    request's length; we return the whole best prefix, the search's evident intent.
+
+    When the time per step t(B) = 1/SPS(B) is non-decreasing and convex in B (t(B+1) - t(B) >= 0
+    and non-decreasing; a piecewise-linear table whose slopes are >= 0 and non-decreasing, such as
+    `CostTable.gpu_shaped`):
+    * Theta along the admission order rises, then falls, so the early stop finds the global best
+      prefix and early_stop=False returns the same lengths (the bias of Appendix A needs a
+      non-convex table: its t = 1, 2, 2.22 is concave);
+    * more requests never lengthen an existing request's verification (tests/test_scheduler.py
+      states the proof). With a cliff in t (wave quantisation) both can fail.
+    """
+    candidates = _candidates(confidences, max_lengths)
+    n = _greedy_path(candidates, len(max_lengths), cost, early_stop)
+    return _lengths_of(candidates[:n], len(max_lengths))
+
+
+def async_budget(confidences: Confidences, max_lengths: Sequence[int], cost: CostTable) -> int:
+    """§5.2: the total number of drafts K that the global search (no early stop) would verify."""
+    return _greedy_path(_candidates(confidences, max_lengths), len(max_lengths), cost, early_stop=False)
+
+
+def top_k_lengths(confidences: Confidences, max_lengths: Sequence[int], budget: int) -> list[int]:
+    """Admit the `budget` candidates with the highest survival a (Algorithm 1's order and ties)."""
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    return _lengths_of(_candidates(confidences, max_lengths)[:budget], len(max_lengths))
+
+
+# ------------------------------------------------------------------------ online acceptance prior
+class OnlineAcceptance:
+    """Per-position conditional acceptance learned from past rounds, for drafters that give no
+    confidences (n-gram, DFlash, Eagle3, draft models).
+
+    c_j = posterior mean of P(draft j accepted | drafts < j accepted) under a Beta(alpha, beta)
+    prior (default Beta(1, 1): 0.5 before any evidence), pooled over requests. Lossless: a round's
+    estimates depend only on earlier rounds' outcomes, never on this round's drafts. Caveat: a
+    position that is never verified keeps its prior, so a steep cost table with a pessimistic prior
+    can stop learning; the prior is the stated default of ENGINE-NOTES.
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0):
+        if alpha <= 0 or beta <= 0:
+            raise DSparkError(f"Beta prior needs alpha > 0 and beta > 0, got {alpha}, {beta}")
+        self.alpha, self.beta = alpha, beta
+        self.trials: list[int] = []  # rounds where draft j was verified and drafts < j accepted
+        self.accepts: list[int] = []  # of those, rounds where draft j was accepted
+
+    def estimate(self, length: int) -> list[float]:
+        out = []
+        for j in range(length):
+            n, s = (self.trials[j], self.accepts[j]) if j < len(self.trials) else (0, 0)
+            out.append((s + self.alpha) / (n + self.alpha + self.beta))
+        return out
+
+    def fill(self, confidences: Sequence[Sequence[float] | None], max_lengths: Sequence[int]) -> list[list[float]]:
+        """The drafter's confidences where given, the online estimates elsewhere."""
+        return [list(c) if c is not None else self.estimate(m) for c, m in zip(confidences, max_lengths)]
+
+    def update(self, lengths: Sequence[int], num_accepted: Sequence[int]) -> None:
+        for length, a in zip(lengths, num_accepted):
+            tried = min(length, a + 1)  # drafts 1..a accepted, draft a+1 (if verified) rejected
+            if tried > len(self.trials):
+                self.trials.extend([0] * (tried - len(self.trials)))
+                self.accepts.extend([0] * (tried - len(self.accepts)))
+            for j in range(tried):
+                self.trials[j] += 1
+                self.accepts[j] += int(j < a)
+
+
+def proposal_inputs(requests: Sequence[DraftRequest], proposals: Sequence[Proposal]):
+    """(confidences or None per row, cap per row) from one engine round."""
+    confidences = [p.confidences.tolist() if p.confidences is not None else None for p in proposals]
+    caps = [min(len(p), r.max_tokens) for r, p in zip(requests, proposals)]
+    return confidences, caps
+
+
+# ------------------------------------------------------------------------------------ adapters
+# Each adapter: decide(confidences, caps) -> lengths on plain lists (the simulator calls it),
+# record(lengths, num_accepted) after verification, __call__/observe for the engine, last_budget.
+class NonePolicy:
+    """Verify nothing: every round commits one target token, i.e. plain decoding, through the same engine."""
+
+    name = "none"
+
+    def __init__(self):
+        self.last_budget = 0
+
+    def decide(self, confidences, max_lengths) -> list[int]:
+        return [0] * len(max_lengths)
+
+    def __call__(self, requests, proposals) -> list[int]:
+        return self.decide(*proposal_inputs(requests, proposals))
+
+
+class FixedPolicy:
+    """Verify min(k, drafted) tokens of every request (k = block_size: verify everything)."""
+
+    def __init__(self, k: int):
+        fixed_lengths([], k)  # validates k
+        self.k, self.name, self.last_budget = k, f"fixed:{k}", 0
+
+    def decide(self, confidences, max_lengths) -> list[int]:
+        lengths = fixed_lengths(max_lengths, self.k)
+        self.last_budget = sum(lengths)
+        return lengths
+
+    def __call__(self, requests, proposals) -> list[int]:
+        return self.decide(*proposal_inputs(requests, proposals))
+
+
+class EstimatedPolicy:
+    """A pure length rule applied to each round's confidences; rows without confidences get
+    `OnlineAcceptance` estimates (past rounds only, so still lossless)."""
+
+    def __init__(self, name: str, rule: Callable[[Confidences, Sequence[int]], list[int]],
+                 prior: OnlineAcceptance | None = None, **settings):
+        self.name, self.rule, self.last_budget = name, rule, 0
+        self.acceptance = prior or OnlineAcceptance()
+        self.__dict__.update(settings)  # e.g. threshold, cost: visible to callers and metrics
+
+    def decide(self, confidences, max_lengths) -> list[int]:
+        lengths = self.rule(self.acceptance.fill(confidences, max_lengths), max_lengths)
+        self.last_budget = sum(lengths)
+        return lengths
+
+    def record(self, lengths, num_accepted) -> None:
+        self.acceptance.update(lengths, num_accepted)
+
+    def __call__(self, requests, proposals) -> list[int]:
+        return self.decide(*proposal_inputs(requests, proposals))
+
+    def observe(self, requests, lengths, num_accepted) -> None:
+        self.record(lengths, num_accepted)
+
+
+def ThresholdPolicy(threshold: float, prior: OnlineAcceptance | None = None) -> EstimatedPolicy:  # noqa: N802
+    """DeepSpec's static confidence cut."""
+    if not 0.0 <= threshold <= 1.0:
+        raise DSparkError(f"confidence threshold must be in [0, 1], got {threshold}")
+    return EstimatedPolicy(f"threshold:{threshold:g}", lambda c, m: threshold_lengths(c, m, threshold), prior,
+                           threshold=threshold)
+
+
+def ScheduledPolicy(cost: CostTable, prior: OnlineAcceptance | None = None) -> EstimatedPolicy:  # noqa: N802
+    """Algorithm 1 with early stop on each round's own confidences."""
+    return EstimatedPolicy("scheduled", lambda c, m: scheduled_lengths(c, m, cost), prior, cost=cost)
+
+
+class _AsyncRule:
+    """The budget of round t from round t - lag's confidences, then top-K on the current ones."""
+
+    def __init__(self, cost: CostTable, lag: int):
+        self.cost, self.lag = cost, lag
+        self._budgets: deque[int] = deque()  # budgets of the last `lag` rounds, oldest first
+
+    def __call__(self, filled: Confidences, max_lengths: Sequence[int]) -> list[int]:
+        if len(self._budgets) >= self.lag:
+            lengths = top_k_lengths(filled, max_lengths, self._budgets.popleft())
+        else:
+            lengths = scheduled_lengths(filled, max_lengths, self.cost)
+        # What a pipelined engine would compute now, alongside this round's verification, for round t + lag.
+        self._budgets.append(async_budget(filled, max_lengths, self.cost))
+        return lengths
+
+
+def AsyncScheduledPolicy(cost: CostTable, lag: int = 2, prior: OnlineAcceptance | None = None) -> EstimatedPolicy:  # noqa: N802
+    """§5.2: the budget K of round t is the global search (no early stop) over round t - `lag`'s
+    confidences; round t admits the K candidates with the highest *current* survival (top-K).
+
+    Lossless: K is fixed before round t drafts anything, and top-K admits (r, j) by its rank among
+    candidates that never include (r, j+1), so "l_r >= j" does not depend on x_{r,j}. The first
+    `lag` rounds have no history and fall back to Algorithm 1 with early stop. Rows without
+    confidences use `OnlineAcceptance`.
+    """
+    if lag < 1:
+        raise DSparkError(f"async scheduling lag must be >= 1 round, got {lag}")
+    return EstimatedPolicy("async", _AsyncRule(cost, lag), prior, cost=cost, lag=lag)
+
+
+POLICY_NAMES = ("none", "fixed", "threshold", "scheduled", "async")
+DEFAULT_THRESHOLD = 0.5  # our choice; DeepSpec's --confidence-threshold defaults to 0 (off)
+
+
+def build_policy(spec: str, block_size: int, cost: CostTable | None = None,
+                 threshold: float = DEFAULT_THRESHOLD):
+    """'none' | 'fixed[:K]' (K defaults to block_size) | 'threshold[:C]' | 'scheduled' | 'async'."""
+    name, _, arg = spec.strip().partition(":")
+    valid = "none, fixed[:K], threshold[:C], scheduled, async"
+    if name not in POLICY_NAMES:
+        raise DSparkError(f"unknown verification policy {spec!r}; valid: {valid}")
+    if arg and name not in ("fixed", "threshold"):
+        raise DSparkError(f"policy {name!r} takes no ':' argument, got {spec!r}; valid: {valid}")
+    try:
+        value = (int(arg) if name == "fixed" else float(arg)) if arg else None
+    except ValueError:
+        raise DSparkError(f"policy {spec!r}: {arg!r} is not a number") from None
+    if name == "none":
+        return NonePolicy()
+    if name == "fixed":
+        return FixedPolicy(block_size if value is None else value)
+    if name == "threshold":
+        return ThresholdPolicy(threshold if value is None else value)
+    if cost is None:
+        raise DSparkError(f"policy {name!r} needs a cost table (measure one with `dspark profile`)")
+    return ScheduledPolicy(cost) if name == "scheduled" else AsyncScheduledPolicy(cost)
+

@@ -1,0 +1,231 @@
+"""Replay recorded rounds under a cost table: what each verification policy would buy at each load.
+
+A *trace* is a list of per-round records, one per request-round of a run that verified every
+drafted token (the fixed policy at full block size):
+
+    {"confidences": [c_1, ..., c_k], "accepted": a}            # a <= k drafts accepted
+    {"confidences": [], "proposed": k, "accepted": a}          # a drafter without confidences
+    optional "request": id                                     # keeps a request's rounds in order
+
+`accepted` is how many drafts a *full* verification accepted, so a request verified to length L
+accepts min(a, L) — exact for the realised draws, since the acceptance test of draft j depends
+only on positions <= j. Records whose acceptance was cut short by a shorter verification are
+censored and must not be recorded (`trace_from_stats` drops them).
+
+The simulator keeps `concurrency` requests active; each step, every active request takes its next
+record (a request replays a recorded request's rounds in order, or `rounds_per_request` rounds
+drawn from the pool when records carry no request ids) and is replaced by a freshly sampled one
+when its rounds run out. Records are consumed one per round whatever the policy, so every policy
+sees the same record sequence (a paired comparison). A step costs 1 / SPS(B), B = R + sum l_r.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dspark.engine.cost import CostTable
+from dspark.engine.scheduler import build_policy
+from dspark.errors import DSparkError
+
+
+@dataclass(frozen=True)
+class Round:
+    confidences: tuple[float, ...] | None  # None: the drafter gave none (policies estimate online)
+    proposed: int
+    accepted: int
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    policy: str
+    concurrency: int
+    tokens_per_s: float  # aggregate committed tokens per second
+    per_user_tokens_per_s: float  # tokens per second of one request (all stay active all the time)
+    mean_verified: float  # drafts verified per request per round
+    accept_length: float  # committed tokens per request per round (tau), bonus included
+    speedup: float  # tokens_per_s over plain decoding at the same concurrency (R * SPS(R))
+    steps: int
+
+
+# -------------------------------------------------------------------------------------- traces
+def parse_round(record: object, where: str = "trace record") -> tuple[Round, object]:
+    """One record -> (Round, request id or None), with errors that name the record."""
+    if not isinstance(record, Mapping):
+        raise DSparkError(f"{where}: expected an object with 'confidences' and 'accepted', got {record!r}")
+    conf = record.get("confidences", [])
+    if not isinstance(conf, list) or not all(isinstance(c, (int, float)) and 0.0 <= c <= 1.0 for c in conf):
+        raise DSparkError(f"{where}: 'confidences' must be a list of numbers in [0, 1], got {conf!r}")
+    proposed = record.get("proposed", len(conf))
+    accepted = record.get("accepted")
+    for key, value in (("proposed", proposed), ("accepted", accepted)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DSparkError(f"{where}: '{key}' must be an integer >= 0, got {value!r}")
+    if conf and proposed != len(conf):
+        raise DSparkError(f"{where}: 'proposed' is {proposed} but there are {len(conf)} confidences")
+    if accepted > proposed:
+        raise DSparkError(f"{where}: 'accepted' {accepted} exceeds the {proposed} drafted tokens")
+    return Round(tuple(float(c) for c in conf) if conf else None, proposed, accepted), record.get("request")
+
+
+def load_trace(source: str | Path | Iterable[Mapping]) -> list[tuple[Round, object]]:
+    """A list of records, or a JSONL file of them (one per line)."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise DSparkError(f"trace file {str(path)!r} does not exist")
+        out = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DSparkError(f"{path}:{number} is not valid JSON ({err.msg})") from None
+            out.append(parse_round(record, f"{path}:{number}"))
+    else:
+        out = [parse_round(record, f"trace record {i}") for i, record in enumerate(source)]
+    if not out:
+        raise DSparkError("the trace has no records")
+    return out
+
+
+def trace_from_stats(stats: Iterable, request_ids: Iterable | None = None) -> list[dict]:
+    """Records from the engine's RequestStats (round_log + confidence_log) of a verify-all run.
+
+    A round is kept when its acceptance is known for a full verification: everything drafted was
+    verified, or a draft was rejected before the verified prefix ended."""
+    records = []
+    ids = list(request_ids) if request_ids is not None else None
+    for i, s in enumerate(stats):
+        for (verified, accepted, _), conf in zip(s.round_log, s.confidence_log):
+            proposed = len(conf) if conf else verified
+            if verified == proposed or accepted < verified:
+                record = {"confidences": list(conf), "accepted": accepted}
+                if not conf:
+                    record["proposed"] = proposed
+                record["request"] = ids[i] if ids is not None else i
+                records.append(record)
+    return records
+
+
+def save_trace(records: Iterable[Mapping], path: str | Path) -> None:
+    Path(path).write_text("".join(json.dumps(dict(r)) + "\n" for r in records))
+
+
+# ----------------------------------------------------------------------------------- simulation
+class _Source:
+    """Hands out request lifetimes (lists of rounds), seeded."""
+
+    def __init__(self, rounds: list[tuple[Round, object]], rng: random.Random, rounds_per_request: int):
+        groups: dict[object, list[Round]] = {}
+        for r, rid in rounds:
+            if rid is not None:
+                groups.setdefault(rid, []).append(r)
+        self.requests = list(groups.values())
+        self.pool = [r for r, rid in rounds if rid is None]
+        self.rng, self.rounds_per_request = rng, rounds_per_request
+
+    def draw(self) -> list[Round]:
+        pick = self.rng.randrange(len(self.requests) + (1 if self.pool else 0))
+        if pick < len(self.requests):
+            return list(self.requests[pick])
+        return [self.rng.choice(self.pool) for _ in range(self.rounds_per_request)]
+
+
+PolicyFactory = Callable[[], object]
+
+
+def _factories(policies, block_size: int, cost: CostTable) -> dict[str, PolicyFactory]:
+    if isinstance(policies, Mapping):
+        return dict(policies)
+    return {spec: (lambda spec=spec: build_policy(spec, block_size, cost)) for spec in policies}
+
+
+def simulate(
+    trace: str | Path | Iterable[Mapping],
+    cost: CostTable,
+    policies: Sequence[str] | Mapping[str, PolicyFactory] = ("none", "fixed", "scheduled"),
+    concurrencies: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
+    steps: int = 256,
+    seed: int = 0,
+    rounds_per_request: int = 32,
+) -> list[SimulationResult]:
+    """One result per (policy, concurrency). `policies` are `build_policy` specs (block size = the
+    longest proposal in the trace) or name -> zero-argument factory of a fresh policy object with
+    `decide(confidences, caps)` (and optionally `record(lengths, num_accepted)`)."""
+    rounds = load_trace(trace)
+    if steps < 1 or rounds_per_request < 1 or any(c < 1 for c in concurrencies):
+        raise DSparkError(f"steps, rounds_per_request and concurrencies must be >= 1, got {steps}, "
+                          f"{rounds_per_request}, {list(concurrencies)}")
+    block_size = max(r.proposed for r, _ in rounds)
+    factories = _factories(policies, block_size, cost)
+    for factory in factories.values():
+        factory()  # refuse a bad policy name before any work
+    results = []
+    for concurrency in concurrencies:
+        for name, factory in factories.items():
+            # Same seed for every policy at this concurrency: identical record sequences.
+            source = _Source(rounds, random.Random(f"{seed}:{concurrency}"), rounds_per_request)
+            results.append(_run(name, factory(), source, cost, concurrency, steps))
+    return results
+
+
+def _run(name: str, policy, source: _Source, cost: CostTable, concurrency: int, steps: int) -> SimulationResult:
+    active = [source.draw() for _ in range(concurrency)]
+    record = getattr(policy, "record", None)
+    seconds = committed = verified = 0.0
+    for _ in range(steps):
+        current = [lifetime.pop(0) for lifetime in active]
+        confidences = [r.confidences for r in current]
+        caps = [r.proposed for r in current]
+        lengths = list(policy.decide(confidences, caps))
+        assert all(0 <= n <= c for n, c in zip(lengths, caps)), (name, lengths, caps)
+        accepted = [min(r.accepted, n) for r, n in zip(current, lengths)]
+        if record is not None:
+            record(lengths, accepted)
+        seconds += cost.time_at(concurrency + sum(lengths))
+        committed += sum(accepted) + concurrency
+        verified += sum(lengths)
+        active = [lifetime if lifetime else source.draw() for lifetime in active]
+    rate = committed / seconds
+    plain = concurrency * cost.sps_at(concurrency)
+    rounds = steps * concurrency
+    return SimulationResult(name, concurrency, rate, rate / concurrency, verified / rounds, committed / rounds,
+                            rate / plain, steps)
+
+
+def results_to_json(results: Sequence[SimulationResult]) -> list[dict]:
+    return [asdict(r) for r in results]
+
+
+def plot_simulation(results: Sequence[SimulationResult], path: str | Path) -> Path:
+    """Aggregate and per-user tokens/s against concurrency, one line per policy (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DSparkError("plotting needs matplotlib (pip install matplotlib)") from None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for policy in dict.fromkeys(r.policy for r in results):
+        rows = sorted((r for r in results if r.policy == policy), key=lambda r: r.concurrency)
+        xs = [r.concurrency for r in rows]
+        left.plot(xs, [r.tokens_per_s for r in rows], marker="o", label=policy)
+        right.plot(xs, [r.per_user_tokens_per_s for r in rows], marker="o", label=policy)
+    for ax, title in ((left, "aggregate tokens/s"), (right, "tokens/s per request")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    left.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

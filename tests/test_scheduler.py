@@ -1,0 +1,448 @@
+"""Verification policies: hand-computed tables, the load property and its exact condition, the
+paper's Appendix A counterexample, losslessness through the engine, cost tables, profiling and the
+trace simulator."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+from dspark.config import EngineConfig, SamplingParams, StopParams
+from dspark.drafters.draft_model import DraftModelDrafter
+from dspark.drafters.simple import NgramDrafter
+from dspark.engine.engine import Engine, Request
+from dspark.engine.profile import even_rows, profile_target
+from dspark.engine.scheduler import (
+    AsyncScheduledPolicy, CostTable, NonePolicy, OnlineAcceptance, ScheduledPolicy,
+    async_budget, build_policy, fixed_lengths, scheduled_lengths, threshold_lengths, top_k_lengths,
+)
+from dspark.engine.simulate import load_trace, plot_simulation, save_trace, simulate, trace_from_stats
+from dspark.engine.verify import residual_probs
+from dspark.errors import DSparkError
+from dspark.models.target import load_model
+from tests.conftest import save_tiny_model, tv_bound
+from tests.test_drafters import make
+from tests.test_engine import DIST_CASES, VOCAB4_PROMPT, exact_joint, expected_greedy
+
+TWO_ROWS = [[0.9, 0.5], [0.6, 0.9]]  # survival a: row 0 (0.9, 0.45), row 1 (0.6, 0.54)
+
+
+def table(sps_by_tokens: dict[int, float]) -> CostTable:
+    return CostTable(tuple(sps_by_tokens), tuple(sps_by_tokens.values()))
+
+
+# --------------------------------------------------------------------------- pure rules by hand
+def test_fixed_and_threshold_lengths_by_hand():
+    assert fixed_lengths([3, 0, 5], 4) == [3, 0, 4]
+    confs = [[0.9, 0.4, 0.95], [0.3, 0.9, 0.9], [0.8, 0.8, 0.8]]
+    # DeepSpec's rule looks at each position's own confidence, not the product (0.8^2 < 0.7).
+    assert threshold_lengths(confs, [3, 3, 2], 0.5) == [1, 0, 2]
+    assert threshold_lengths(confs, [3, 3, 3], 0.7) == [1, 0, 3]
+    with pytest.raises(DSparkError, match="-1"):
+        fixed_lengths([3], -1)
+
+
+def test_scheduled_lengths_follow_algorithm_1_by_hand():
+    # Order: (0.9, r0 j1), (0.6, r1 j1), (0.54, r1 j2), (0.45, r0 j2). Theta = tau * SPS(B):
+    # B=2: 2*10 = 20; B=3: 2.9*10 = 29; B=4: 3.5*9 = 31.5; B=5: 4.04*7 = 28.28 -> stop.
+    cost = table({2: 10.0, 3: 10.0, 4: 9.0, 5: 7.0, 6: 8.0})
+    assert scheduled_lengths(TWO_ROWS, [2, 2], cost) == [1, 1]
+    # Without the early stop the search also sees B=6: 4.49*8 = 35.92 > 31.5 and takes all four.
+    assert scheduled_lengths(TWO_ROWS, [2, 2], cost, early_stop=False) == [2, 2]
+    assert async_budget(TWO_ROWS, [2, 2], cost) == 4
+    assert top_k_lengths(TWO_ROWS, [2, 2], 3) == [1, 2]  # r1 j2 (0.54) before r0 j2 (0.45)
+    assert scheduled_lengths(TWO_ROWS, [0, 2], cost) == [0, 2]  # caps bound the candidates
+    assert scheduled_lengths([], [], cost) == []
+
+
+def test_ties_keep_each_request_a_prefix():
+    """Equal survival (c = 1) must admit (r, j) before (r, j + 1); ties across rows go by row."""
+    confs = [[1.0, 1.0, 1.0], [1.0, 1.0, 0.5]]
+    for budget in range(7):
+        lengths = top_k_lengths(confs, [3, 3], budget)
+        assert sum(lengths) == min(budget, 6)
+    assert top_k_lengths(confs, [3, 3], 2) == [2, 0]
+    assert top_k_lengths([[0.0, 1.0]], [2], 2) == [0]  # a = 0: never a candidate
+
+
+def test_flat_table_verifies_every_draft_with_positive_survival_even_under_load():
+    confs = [[0.9, 1e-12, 0.5]] * 300 + [[0.0, 0.9, 0.9]]
+    assert scheduled_lengths(confs, [3] * 301, CostTable.flat(100.0)) == [3] * 300 + [0]
+
+
+def random_case(rng: random.Random, num_rows: int, k: int):
+    power = rng.choice([0.1, 0.5, 1.0, 3.0])
+    confs = [[rng.random() ** power for _ in range(k)] for _ in range(num_rows)]
+    return confs, [rng.randint(0, k) for _ in range(num_rows)]
+
+
+def random_convex_table(rng: random.Random) -> CostTable:
+    """Time per step at sparse integer points with non-negative, non-decreasing slopes; the table's
+    linear interpolation (and extrapolation) of time is then convex and non-decreasing in B."""
+    tokens = sorted(rng.sample(range(1, 60), rng.randint(1, 6)))
+    slopes = sorted(rng.choice([0.0, rng.expovariate(1.0) * rng.choice([0.01, 0.1, 1.0])]) for _ in tokens[1:])
+    times = [rng.uniform(0.01, 2.0)]
+    for (x0, x1), s in zip(itertools.pairwise(tokens), slopes):
+        times.append(times[-1] + s * (x1 - x0))
+    return CostTable(tuple(tokens), tuple(1.0 / t for t in times))
+
+
+def test_lengths_stay_within_caps_for_every_rule():
+    rng = random.Random(0)
+    for _ in range(300):
+        confs, caps = random_case(rng, rng.randint(1, 6), rng.randint(0, 7))
+        cost = random_convex_table(rng)
+        for lengths in (scheduled_lengths(confs, caps, cost), scheduled_lengths(confs, caps, cost, early_stop=False),
+                        threshold_lengths(confs, caps, rng.random()), top_k_lengths(confs, caps, rng.randint(0, 20)),
+                        fixed_lengths(caps, rng.randint(0, 8))):
+            assert all(0 <= n <= c for n, c in zip(lengths, caps)) and len(lengths) == len(caps)
+
+
+# --------------------------------------------------------------------- more load, never longer
+def test_more_requests_never_lengthen_an_existing_requests_verification():
+    """Condition: the time per step t(B) = 1/SPS(B) is non-decreasing and
+    convex on the integers (t(B+1) - t(B) >= 0 and non-decreasing). Sketch: let Algorithm 1 stop the
+    smaller batch before old candidate u at state (tau, B), so u*t(B) <= tau*dt(B). In the larger
+    batch, reaching u means admitting the same old prefix plus extras e (the new pending tokens,
+    value 1, and new candidates, each >= u) of total value W >= e*u; convexity gives
+    t(B+e) <= t(B) + e*dt(B+e) and dt(B) <= dt(B+e), so u*t(B+e) <= (tau + W)*dt(B+e): u is refused
+    there too. Ties and insertion positions do not matter."""
+    rng = random.Random(1)
+    checked = shortened = 0
+    for _ in range(500):
+        cost = random_convex_table(rng)
+        k = rng.randint(1, 6)
+        confs, caps = random_case(rng, rng.randint(1, 8), k)
+        before = scheduled_lengths(confs, caps, cost)
+        more_confs, more_caps, old_rows = list(confs), list(caps), list(range(len(caps)))
+        for _ in range(rng.randint(1, 3)):
+            extra_confs, extra_caps = random_case(rng, 1, k)
+            at = rng.randint(0, len(more_caps))
+            more_confs.insert(at, extra_confs[0])
+            more_caps.insert(at, extra_caps[0])
+            old_rows = [r + (r >= at) for r in old_rows]
+        after = scheduled_lengths(more_confs, more_caps, cost)
+        for r, r_after in enumerate(old_rows):
+            assert after[r_after] <= before[r], (cost, confs, caps, more_confs, more_caps)
+        checked += sum(before) > 0
+        shortened += any(after[r_after] < before[r] for r, r_after in enumerate(old_rows))
+    assert checked > 100 and shortened > 50, f"weak cases: {checked} verified something, {shortened} shortened"
+
+
+def test_with_convex_time_the_early_stop_finds_the_global_best_prefix():
+    """Under the same condition Theta rises then falls along the admission order (once an item
+    fails to raise it, no later, smaller item can), so the retrospective search changes nothing."""
+    rng = random.Random(2)
+    for _ in range(300):
+        cost = random_convex_table(rng)
+        confs, caps = random_case(rng, rng.randint(1, 8), rng.randint(1, 6))
+        early = scheduled_lengths(confs, caps, cost)
+        assert scheduled_lengths(confs, caps, cost, early_stop=False) == early
+        assert async_budget(confs, caps, cost) == sum(early)
+
+
+def test_a_cliff_in_the_cost_table_breaks_the_load_property():
+    """Without convexity the property is false: time jumps 1 -> 2 at B = 9 (a wave-quantisation
+    cliff). 8 requests stop at B = 8, but 9 requests already pay for B = 9 and fill up to B = 16."""
+    cliff = table({8: 1.0, 9: 0.5, 16: 0.5, 17: 1 / 3})
+    assert scheduled_lengths([[0.9]] * 8, [1] * 8, cliff) == [0] * 8
+    assert scheduled_lengths([[0.9]] * 9, [1] * 9, cliff) == [1] * 7 + [0] * 2
+
+
+# --------------------------------------------------------------------------- paper Appendix A
+def first_token_distribution(early_stop: bool) -> list[float]:
+    """Exact law of the first output token (vocabulary {A, B}) when the scheduler decides the length
+    after the draft x1 was sampled, as Appendix A sets up: c1 = 0.8 before x1, c2 = 0.9 after A and
+    0 after B; SPS(1) = 1, SPS(2) = 0.5, SPS(3) = 0.45."""
+    target = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    draft = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    c2 = [0.9, 0.0]
+    cost = table({1: 1.0, 2: 0.5, 3: 0.45})
+    out = torch.zeros(2, dtype=torch.float64)
+    for x1 in (0, 1):
+        (length,) = scheduled_lengths([[0.8, c2[x1]]], [2], cost, early_stop=early_stop)
+        if length == 0:  # x1 not admitted: the target samples the token itself
+            out += draft[x1] * target
+        else:  # standard speculative acceptance of x1, else the residual
+            accept = min(1.0, float(target[x1] / draft[x1]))
+            out[x1] += draft[x1] * accept
+            out += draft[x1] * (1 - accept) * residual_probs(target, draft)
+    return out.tolist()
+
+
+def test_appendix_a_retrospective_search_is_biased_and_early_stop_is_exact():
+    cost = table({1: 1.0, 2: 0.5, 3: 0.45})
+    assert scheduled_lengths([[0.8, 0.9]], [2], cost, early_stop=False) == [2]  # Theta_2 = 1.134
+    assert scheduled_lengths([[0.8, 0.0]], [2], cost, early_stop=False) == [0]  # Theta_0 = 1.0
+    assert first_token_distribution(early_stop=False) == pytest.approx([0.85, 0.15], abs=1e-12)
+    assert first_token_distribution(early_stop=True) == pytest.approx([0.7, 0.3], abs=1e-12)
+
+
+# --------------------------------------------------------------------------------- adapters
+def test_online_acceptance_counts_conditional_trials():
+    est = OnlineAcceptance()
+    assert est.estimate(2) == [0.5, 0.5]  # Beta(1, 1) prior
+    est.update([3, 3, 1, 0], [3, 1, 0, 0])  # rows: all accepted; j2 rejected; j1 rejected; none verified
+    assert est.trials == [3, 2, 1] and est.accepts == [2, 1, 1]
+    assert est.estimate(4) == pytest.approx([3 / 5, 2 / 4, 2 / 3, 1 / 2])
+
+
+def test_async_policy_uses_the_budget_of_two_rounds_earlier():
+    cost = table({2: 10.0, 3: 10.0, 4: 9.0, 5: 7.0, 6: 8.0})
+    policy = AsyncScheduledPolicy(cost)
+    rounds = [TWO_ROWS, [[0.1, 0.1], [0.1, 0.1]], [[0.99, 0.99], [0.99, 0.99]], [[0.99, 0.99], [0.99, 0.99]]]
+    lengths = [policy.decide(c, [2, 2]) for c in rounds]
+    assert lengths[0] == scheduled_lengths(TWO_ROWS, [2, 2], cost)  # no history: Algorithm 1
+    assert sum(lengths[2]) == async_budget(TWO_ROWS, [2, 2], cost) == 4  # round 0's budget
+    assert sum(lengths[3]) == async_budget(rounds[1], [2, 2], cost)  # round 1's budget
+    assert policy.last_budget == sum(lengths[3])
+
+
+def test_build_policy_names_and_errors():
+    cost = CostTable.flat()
+    assert isinstance(build_policy("none", 4), NonePolicy)
+    assert build_policy("fixed", 4).k == 4 and build_policy("fixed:2", 4).k == 2
+    assert build_policy("threshold:0.7", 4).threshold == 0.7
+    assert build_policy("scheduled", 4, cost).name == "scheduled" and build_policy("scheduled", 4, cost).cost is cost
+    assert build_policy("async", 4, cost).name == "async" and build_policy("async", 4, cost).lag == 2
+    with pytest.raises(DSparkError, match="'greedy'.*none, fixed.*async"):
+        build_policy("greedy", 4)
+    with pytest.raises(DSparkError, match="cost table"):
+        build_policy("scheduled", 4)
+    with pytest.raises(DSparkError, match="'x'"):
+        build_policy("fixed:x", 4)
+    with pytest.raises(DSparkError, match="1.5"):
+        build_policy("threshold:1.5", 4)
+
+
+# ----------------------------------------------------------------------- through the engine
+PROMPTS = [[0, 5, 6, 7, 5, 6], [0, 9, 10, 11, 12, 9, 10, 11, 12, 9, 10], [0, 20, 21, 20, 21, 20, 22, 20]]
+MAX_NEW = [20, 13, 17]
+
+
+class Recorder:
+    """Forwards to a policy and remembers the lengths it chose."""
+
+    def __init__(self, policy):
+        self.policy, self.lengths, self.full_lengths = policy, [], collections.Counter()
+
+    def __call__(self, requests, proposals):
+        lengths = self.policy(requests, proposals)
+        self.lengths.extend(lengths)
+        # lengths of rows that could verify their whole block (not cut by max_tokens)
+        self.full_lengths.update(n for r, p, n in zip(requests, proposals, lengths) if min(len(p), r.max_tokens) >= 2)
+        return lengths
+
+    def observe(self, requests, lengths, num_accepted):
+        if hasattr(self.policy, "observe"):
+            self.policy.observe(requests, lengths, num_accepted)
+
+
+@pytest.fixture(scope="module")
+def qwen3_target(tiny_dirs):
+    return load_model(str(tiny_dirs["qwen3"]), "fp64")
+
+
+@pytest.mark.parametrize("drafter_kind", ["dspark-vanilla", "ngram"])
+@pytest.mark.parametrize("spec", ["none", "fixed:2", "threshold", "scheduled", "async"])
+def test_greedy_identity_with_every_policy(qwen3_target, drafter_kind, spec):
+    target = qwen3_target
+    drafter = make(drafter_kind, target) if drafter_kind != "ngram" else NgramDrafter()
+    cost = CostTable.gpu_shaped(knee=8, base_ms=10.0, ms_per_token=1.0)
+    policy = Recorder(build_policy(spec, 5, cost))
+    engine = Engine(target, drafter, EngineConfig(block_size=5, max_batch_size=3, max_seq_len=64))
+    outs = engine.generate([Request(p, stop=StopParams(max_new_tokens=m)) for p, m in zip(PROMPTS, MAX_NEW)], policy)
+    for prompt, m, out in zip(PROMPTS, MAX_NEW, outs):
+        assert out.token_ids == expected_greedy(target, prompt, m)
+    if spec == "none":
+        assert set(policy.lengths) == {0} and all(o.stats.accept_length == 1.0 for o in outs)
+
+
+@pytest.fixture(scope="module")
+def vocab4_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("v4s")
+    tgt = load_model(str(save_tiny_model(root / "t", "qwen3", seed=1, vocab_size=4, initializer_range=0.6)), "fp64")
+    drf = load_model(str(save_tiny_model(root / "d", "qwen3", seed=2, vocab_size=4, initializer_range=0.6)), "fp64")
+    return tgt, drf
+
+
+def confident_dspark(target):
+    """A DSpark drafter whose Markov head and confidence head both matter: c_k varies widely with
+    the previous draft token, the dependence Appendix A is about."""
+    drafter = make("dspark-vanilla", target, mask_token_id=3, markov_rank=4)
+    with torch.no_grad():
+        drafter.model.markov_head.markov_w2.weight.normal_(0, 2.0)
+        drafter.model.confidence_head.proj.weight.normal_(0, 1.0)
+    return drafter
+
+
+# 512 requests per batch with up to 2 drafts each (4 tokens: the prefill gives one, a round commits
+# drafts + 1): flat up to B = 600, then rising, so the budget runs out mid-batch and rows with the
+# same block get 0, 1 or 2 verified drafts.
+VOCAB4_COST = CostTable.gpu_shaped(knee=600, base_ms=10.0, ms_per_token=0.02, max_tokens=2048)
+NUM_TOKENS = 4  # 256 sequences; 2 drafts let c_2 depend on x_1 (Appendix A); 3 would need 1024 cells
+
+
+@pytest.fixture(scope="module")
+def vocab4_joint(vocab4_pair):
+    return exact_joint(vocab4_pair[0].model, VOCAB4_PROMPT, DIST_CASES["T=1"], NUM_TOKENS)
+
+
+def scheduled_tv(target, drafter, policy, joint, num_samples=20_000):
+    """test_engine.sampled_tv with 4 generated tokens and the exact joint computed once per module
+    (with its 3 tokens a round never has more than one draft to schedule)."""
+    engine = Engine(target, drafter, EngineConfig(block_size=3, max_batch_size=512, max_seq_len=16))
+    stop = StopParams(max_new_tokens=NUM_TOKENS, ignore_eos=True)
+    requests = [Request(VOCAB4_PROMPT, SamplingParams(temperature=1.0, seed=i), stop) for i in range(num_samples)]
+    counts = collections.Counter(tuple(out.token_ids) for out in engine.generate(requests, policy))
+    tv = 0.5 * sum(abs(counts[seq] / num_samples - p) for seq, p in joint.items())
+    return tv, tv_bound(list(joint.values()), num_samples)
+
+
+@pytest.mark.parametrize("kind", ["scheduled", "async", "scheduled-online"])
+def test_sequence_distribution_with_scheduled_lengths(vocab4_pair, vocab4_joint, kind):
+    """20k seeded samples of 4 tokens (256 sequences): scheduled lengths stay lossless, with DSpark's
+    own confidences, with the asynchronous top-K rule, and with online estimates (a draft model)."""
+    target, draft = vocab4_pair
+    drafter = DraftModelDrafter(draft) if kind == "scheduled-online" else confident_dspark(target)
+    policy = Recorder((AsyncScheduledPolicy if kind == "async" else ScheduledPolicy)(VOCAB4_COST))
+    tv, bound = scheduled_tv(target, drafter, policy, vocab4_joint)
+    assert len(policy.full_lengths) > 1, f"rows with 2 drafts all got the same length: {policy.full_lengths}"
+    assert tv < bound, f"TV {tv:.4f} >= {bound:.4f} (null mean + 4 sigma: false-failure probability < 1e-4)"
+
+
+# ------------------------------------------------------------------------------- cost tables
+def test_cost_table_interpolates_time_per_step():
+    cost = table({2: 10.0, 4: 5.0})  # 0.1 s at B=2, 0.2 s at B=4
+    assert cost.sps_at(1) == 10.0 and cost.sps_at(2) == 10.0 and cost.sps_at(4) == 5.0
+    assert cost.time_at(3) == pytest.approx(0.15)  # linear in time, not in sps
+    assert cost.time_at(8) == pytest.approx(0.4)  # extrapolated along the last two points
+    falling = table({2: 5.0, 4: 10.0})  # time falls at the end: held flat, never <= 0
+    assert falling.time_at(1000) == pytest.approx(0.1)
+    assert CostTable.flat(3.0).sps_at(10_000) == 3.0
+    gpu = CostTable.gpu_shaped(knee=64, base_ms=20.0, ms_per_token=0.5)
+    assert gpu.time_at(1) == gpu.time_at(64) == pytest.approx(0.02)
+    assert gpu.time_at(84) == pytest.approx(0.03) and gpu.time_at(10_000) > gpu.time_at(1000)
+
+
+def test_cost_table_round_trips_through_a_file(tmp_path):
+    cost = CostTable((1, 8, 64), (50.0, 48.5, 20.25), {"device": "cpu", "context": 256})
+    cost.save(tmp_path / "sps.json")
+    loaded = CostTable.load(tmp_path / "sps.json")
+    assert loaded == cost and loaded.meta == cost.meta
+    assert [p.name for p in tmp_path.iterdir()] == ["sps.json"]  # no temporary left behind
+    sglang = {"sample_batch_tokens": [1, 16], "sample_steps_per_sec": [40.0, 30.0], "max_batch_tokens": 16}
+    assert CostTable.from_json(sglang).sps == (40.0, 30.0)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", "not valid JSON"),
+    ('{"format": "other", "version": 1, "tokens": [1], "sps": [1.0]}', "'other'"),
+    ('{"format": "dspark-cost-table", "version": 9, "tokens": [1], "sps": [1.0]}', "version 9"),
+    ('{"format": "dspark-cost-table", "version": 1, "tokens": [1, 4, 4], "sps": [1, 1, 1]}', "4 then 4"),
+    ('{"format": "dspark-cost-table", "version": 1, "tokens": [1, 2], "sps": [1.0, -3]}', "-3"),
+    ('{"format": "dspark-cost-table", "version": 1, "tokens": [1, 2.5], "sps": [1.0, 2.0]}', "2.5"),
+    ('{"format": "dspark-cost-table", "version": 1, "tokens": [1, 2], "sps": [1.0]}', "2 token counts and 1"),
+    ('{"format": "dspark-cost-table", "version": 1, "tokens": "1,2", "sps": [1.0]}', "'tokens' must be a list"),
+    ("[1, 2]", "expected a JSON object"),
+])
+def test_malformed_cost_tables_are_refused_with_the_bad_value(tmp_path, content, message):
+    (tmp_path / "bad.json").write_text(content)
+    with pytest.raises(DSparkError, match=message):
+        CostTable.load(tmp_path / "bad.json")
+
+
+def test_missing_cost_table_file_is_named(tmp_path):
+    with pytest.raises(DSparkError, match="nope.json.*dspark profile"):
+        CostTable.load(tmp_path / "nope.json")
+
+
+def test_profile_target_on_a_tiny_model(qwen3_target):
+    assert even_rows(10, 3) == [4, 3, 3] and even_rows(1, 8) == [1]
+    cost = profile_target(qwen3_target, batch_tokens=(8, 1, 3), context=16, repeats=1, warmup=1, block_size=3,
+                          drafter=make("dspark-vanilla", qwen3_target), drafter_requests=(1, 2))
+    assert cost.tokens == (1, 3, 8) and all(s > 0 for s in cost.sps)
+    assert cost.meta["context"] == 16 and cost.meta["rows"]["8"] == [4, 4]
+    assert set(cost.meta["drafter_propose_s"]) == {"1", "2"} and cost.meta["target_fingerprint"]
+    with pytest.raises(DSparkError, match="exceed the target's context"):
+        profile_target(qwen3_target, batch_tokens=(1,), context=10_000)
+
+
+# -------------------------------------------------------------------------------- simulator
+def synthetic_trace(seed: int = 0, num: int = 400) -> list[dict]:
+    """Per-round records of a 4-draft DSpark-like drafter: decaying confidences, accepted counts
+    drawn from them."""
+    rng = random.Random(seed)
+    records = []
+    for i in range(num):
+        confs = [min(1.0, max(0.0, rng.gauss(0.8 - 0.1 * j, 0.15))) for j in range(4)]
+        accepted = 0
+        while accepted < 4 and rng.random() < confs[accepted]:
+            accepted += 1
+        records.append({"confidences": confs, "accepted": accepted, "request": i // 16})
+    return records
+
+
+def test_simulator_is_deterministic_and_plain_decoding_commits_one_token_per_round():
+    cost = CostTable.gpu_shaped(knee=32, base_ms=10.0, ms_per_token=0.2)
+    trace = synthetic_trace()
+    kwargs = {"policies": ["none", "fixed", "scheduled", "async"], "concurrencies": [1, 8, 64], "steps": 40, "seed": 3}
+    first, second = simulate(trace, cost, **kwargs), simulate(trace, cost, **kwargs)
+    assert first == second
+    none = [r for r in first if r.policy == "none"]
+    assert all(r.accept_length == 1.0 and r.mean_verified == 0 and r.speedup == pytest.approx(1.0) for r in none)
+    assert simulate(trace, cost, **{**kwargs, "seed": 4}) != first
+
+
+def test_simulated_scheduler_verifies_every_useful_draft_on_a_flat_table_and_less_on_a_steep_one():
+    trace = [{"confidences": [0.9, 0.5, 0.0, 0.7], "accepted": 2}, {"confidences": [0.6, 0.6, 0.6, 0.6], "accepted": 4}]
+    flat = simulate(trace, CostTable.flat(10.0), ["fixed", "scheduled"], [1, 16], steps=30)
+    by = {(r.policy, r.concurrency): r for r in flat}
+    for c in (1, 16):
+        assert by["fixed", c].mean_verified == 4
+        useful = by["scheduled", c].mean_verified  # 2 of the first record's drafts, 4 of the second's
+        assert 2 <= useful <= 4 and by["scheduled", c].accept_length == by["fixed", c].accept_length
+    steep = CostTable.gpu_shaped(knee=1, base_ms=10.0, ms_per_token=3.0)
+    by = {(r.policy, r.concurrency): r for r in simulate(trace, steep, ["fixed", "scheduled"], [1, 16], steps=30)}
+    for c in (1, 16):
+        assert by["scheduled", c].mean_verified < by["fixed", c].mean_verified
+
+
+def test_trace_from_engine_stats_round_trips_through_jsonl(qwen3_target, tmp_path):
+    engine = Engine(qwen3_target, make("dspark-vanilla", qwen3_target), EngineConfig(block_size=4, max_batch_size=3, max_seq_len=64))
+    outs = engine.generate([Request(p, stop=StopParams(max_new_tokens=m)) for p, m in zip(PROMPTS, MAX_NEW)])
+    records = trace_from_stats([o.stats for o in outs])
+    assert records and all(len(r["confidences"]) >= r["accepted"] for r in records)
+    save_trace(records, tmp_path / "trace.jsonl")
+    assert len(load_trace(tmp_path / "trace.jsonl")) == len(records)
+    results = simulate(tmp_path / "trace.jsonl", CostTable.flat(), ["fixed", "scheduled"], [2], steps=5)
+    assert len(results) == 2
+    ngram = Engine(qwen3_target, NgramDrafter(), EngineConfig(block_size=4, max_batch_size=3, max_seq_len=64))
+    outs = ngram.generate([Request(p, stop=StopParams(max_new_tokens=m)) for p, m in zip(PROMPTS, MAX_NEW)])
+    no_conf = trace_from_stats([o.stats for o in outs])
+    assert all(r["confidences"] == [] and "proposed" in r for r in no_conf)
+    counts = collections.Counter(r.policy for r in simulate(no_conf, CostTable.flat(), ["scheduled", "threshold"], [4], steps=5))
+    assert counts == {"scheduled": 1, "threshold": 1}
+
+
+def test_plot_simulation_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = simulate(synthetic_trace(num=64), CostTable.flat(), ["none", "fixed"], [1, 4], steps=5)
+    assert plot_simulation(results, tmp_path / "sim.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"confidences": [0.5, 1.5], "accepted": 0}', "numbers in \\[0, 1\\]"),
+    ('{"confidences": [0.5], "accepted": 2}', "'accepted' 2 exceeds"),
+    ('{"confidences": [0.5]}', "'accepted' must be an integer"),
+    ("oops", "not valid JSON"),
+])
+def test_malformed_traces_name_the_line(tmp_path, line, message):
+    (tmp_path / "t.jsonl").write_text(json.dumps({"confidences": [0.5], "accepted": 1}) + "\n" + line + "\n")
+    with pytest.raises(DSparkError, match=f"t.jsonl:2.*{message}"):
+        load_trace(tmp_path / "t.jsonl")
