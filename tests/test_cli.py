@@ -202,3 +202,13 @@ def test_profile_then_simulate(capsys, tiny_dirs, tmp_path):
     assert (tmp_path / "sim" / "simulation.png").stat().st_size > 0
     assert main(["simulate", "--profile", str(cost), "--trace", str(trace), "--policies", "bogus", "--out", str(tmp_path / "s2")]) == 2
     assert "none, fixed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", ["none", "fixed:2", "threshold:0.5", "scheduled", "async"])
+def test_generate_with_each_verification_policy_keeps_greedy_output(capsys, tiny_dirs, policy):
+    args = ["--target", str(tiny_dirs["llama"]), "--prompt", "w5 w6 w7 w5 w6 w7 w5", "--max-new-tokens", "8",
+            "--dtype", "fp32", "--json", "--block-size", "3"]
+    code, out, err = run(capsys, *args, "--drafter", "ngram", "--policy", policy)
+    assert code == 0, err
+    reference = json_lines(run(capsys, *args, "--drafter", "none")[1])[0]
+    assert json_lines(out)[0]["token_ids"] == reference["token_ids"]

@@ -186,6 +186,12 @@ def test_calibrate_then_eval_with_plots_and_reports(qwen3_fp32, tiny_dirs, tmp_p
                     "published figures, not measured here"):
         assert heading in report, heading
     assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["batch_size"] == 2
+    # The full-verification rounds become a trace the simulator replays.
+    from dspark.engine.simulate import load_trace
+
+    assert results["traces"] == ["traces/drafter.jsonl", "traces/ngram.jsonl"]
+    trace = load_trace(tmp_path / "out" / "traces" / "drafter.jsonl")
+    assert 0 < len(trace) <= r["rounds"] and all(len(rnd.confidences) == rnd.proposed for rnd, _ in trace)
 
 
 def test_calibrate_refuses_a_drafter_without_confidence_head(qwen3_fp32, tiny_dirs, tmp_path, capsys):

@@ -74,6 +74,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed + i")
     p.add_argument("--block-size", type=_non_negative_int, default=8, help="draft tokens verified per round (K)")
+    p.add_argument("--policy", default="fixed",
+                   help="verification policy: none, fixed[:K] (default: all K), threshold[:C], scheduled, async")
+    p.add_argument("--cost", help="cost table JSON for scheduled/async (dspark profile; default: profiled now)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="requests decoded together")
     p.add_argument("--max-seq-len", type=_positive_int, default=None,
                    help="context length (default: longest prompt + max new tokens, within the model's limit)")
@@ -88,6 +91,7 @@ def run_generate(args) -> int:
     from dspark.drafters.registry import build_drafter
     from dspark.engine.engine import Engine, Request
     from dspark.models.target import load_model
+    from dspark.serve.server import resolve_policy
     from dspark.text import StopStrings, decode_output, encode_prompt
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts_file(args.prompts_file)
@@ -110,10 +114,11 @@ def run_generate(args) -> int:
     config = EngineConfig(block_size=args.block_size, max_batch_size=min(args.batch_size, len(prompts)),
                           max_seq_len=max_seq_len)
     engine = Engine(target, drafter, config)
+    policy = resolve_policy(args.policy, target, drafter, config, args.cost)
     checker = StopStrings(tok, args.stop) if args.stop else None
     requests = [Request(ids, sampling[i], stop, request_id=i, stop_checker=checker) for i, ids in enumerate(encoded)]
     start = time.perf_counter()
-    outputs = engine.generate(requests)
+    outputs = engine.generate(requests, policy)
     wall = time.perf_counter() - start
     for out in outputs:
         text = decode_output(tok, out.token_ids, target.eos_token_ids, args.stop)

@@ -147,12 +147,30 @@ def run_eval(target, drafters: dict, benchmarks: list[str], out_dir, cfg: EvalCo
             entry["ece_mean"] = extra["calibration"]["ece_mean"]
             entry["auroc_mean"] = extra["calibration"]["auroc_mean"]
         results["domains"].setdefault(domain, {})[label] = entry
+    results["traces"] = write_traces(pooled, out)
     results["plots"] = write_plots(results, out) if plots else []
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, out / "results.json")
     (out / "report.md").write_text(report_markdown(results))
     return results
+
+
+def write_traces(pooled: dict, out: Path) -> list[str]:
+    """OUT/traces/<drafter>.jsonl: every full-verification round, for `dspark simulate --trace`."""
+    from types import SimpleNamespace
+
+    from dspark.engine.simulate import save_trace, trace_from_stats
+
+    by_drafter: dict[str, list] = {}
+    for (domain, label), logs in pooled.items():
+        if label != "none":
+            stats = SimpleNamespace(round_log=[tuple(r) for r in logs["rounds"]], confidence_log=logs["confidences"])
+            by_drafter.setdefault(label, []).extend(trace_from_stats([stats], [domain]))
+    (out / "traces").mkdir(exist_ok=True)
+    for label, records in by_drafter.items():
+        save_trace(records, out / "traces" / f"{label}.jsonl")
+    return [f"traces/{label}.jsonl" for label in by_drafter]
 
 
 def write_plots(results: dict, out: Path) -> list[str]:
