@@ -18,7 +18,7 @@ from dspark.drafters.simple import NgramDrafter
 from dspark.engine.engine import Engine, Request
 from dspark.engine.profile import even_rows, profile_target
 from dspark.engine.scheduler import (
-    AsyncScheduledPolicy, CostTable, NonePolicy, OnlineAcceptance, ScheduledPolicy,
+    AsyncScheduledPolicy, CostTable, DraftGate, NonePolicy, OnlineAcceptance, ScheduledPolicy,
     async_budget, build_policy, fixed_lengths, scheduled_lengths, threshold_lengths, top_k_lengths,
 )
 from dspark.engine.simulate import load_trace, plot_simulation, save_trace, simulate, trace_from_stats
@@ -242,6 +242,10 @@ class Recorder:
         if hasattr(self.policy, "observe"):
             self.policy.observe(requests, lengths, num_accepted)
 
+    def plan(self, requests, draft_seconds):
+        plan = getattr(self.policy, "plan", None)
+        return plan(requests, draft_seconds) if plan is not None else [r.max_tokens for r in requests]
+
 
 @pytest.fixture(scope="module")
 def qwen3_target(tiny_dirs):
@@ -314,6 +318,54 @@ def test_sequence_distribution_with_scheduled_lengths(vocab4_pair, vocab4_joint,
     tv, bound = scheduled_tv(target, drafter, policy, vocab4_joint)
     assert len(policy.full_lengths) > 1, f"rows with 2 drafts all got the same length: {policy.full_lengths}"
     assert tv < bound, f"TV {tv:.4f} >= {bound:.4f} (null mean + 4 sigma: false-failure probability < 1e-4)"
+
+
+class RandomDraftCaps:
+    """Caps drafting before each round at random (seeded, never looking at drafts): some rounds
+    draft nothing, some rows fewer tokens — what a draft gate may do — then verifies everything."""
+
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+
+    def plan(self, requests, draft_seconds):
+        if self.rng.random() < 0.3:
+            return [0] * len(requests)
+        return [self.rng.randint(0, r.max_tokens) for r in requests]
+
+    def __call__(self, requests, proposals):
+        return [min(len(p), r.max_tokens) for r, p in zip(requests, proposals)]
+
+
+def test_sequence_distribution_with_drafting_capped_before_each_round(vocab4_pair, vocab4_joint):
+    target, _ = vocab4_pair
+    tv, bound = scheduled_tv(target, confident_dspark(target), RandomDraftCaps(3), vocab4_joint)
+    assert tv < bound, f"TV {tv:.4f} >= {bound:.4f} (null mean + 4 sigma: false-failure probability < 1e-4)"
+
+
+def test_draft_gate_closes_when_drafting_cannot_pay_and_probes_again():
+    cost = CostTable.gpu_shaped(knee=16, base_ms=10.0, ms_per_token=1.0)
+    good, bad = OnlineAcceptance(), OnlineAcceptance()
+    good.update([4] * 50, [4] * 50)  # every draft accepted so far
+    bad.update([4] * 50, [0] * 50)  # none accepted
+    assert DraftGate(cost, good).allow([4, 4], draft_seconds=0.001)
+    assert DraftGate(cost, good).allow([4, 4], draft_seconds=None)  # nothing measured yet: draft
+    gate = DraftGate(cost, bad, probe_every=4, max_probe_every=8)
+    decisions = [gate.allow([4, 4], draft_seconds=0.005) for _ in range(4 + 8 + 8)]
+    # probes after 4 closed rounds, then (still closed) after 8, capped at 8
+    assert [i for i, d in enumerate(decisions) if d] == [3, 11, 19] and not gate.is_open
+    gate.acceptance = good  # traffic changed: the next round reopens and the wait resets
+    assert gate.allow([4, 4], draft_seconds=0.005) and gate.wait == 4
+    # A slow drafter does not pay even with good acceptance: 10 ms verify, 1 s of drafting.
+    assert not DraftGate(cost, good).allow([4], draft_seconds=1.0)
+
+
+def test_scheduled_policy_plans_no_drafts_while_its_gate_is_closed():
+    cost = CostTable.gpu_shaped(knee=16, base_ms=10.0, ms_per_token=1.0)
+    policy = build_policy("scheduled", 4, cost)
+    policy.acceptance.update([4] * 50, [0] * 50)
+    requests = [type("R", (), {"max_tokens": 4})() for _ in range(3)]
+    assert policy.plan(requests, 0.02) == [0, 0, 0]
+    assert build_policy("scheduled", 4, cost, draft_gate=False).plan(requests, 0.02) == [4, 4, 4]
 
 
 # ------------------------------------------------------------------------------- cost tables

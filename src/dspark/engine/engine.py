@@ -26,8 +26,10 @@ from dspark.sampling import logits_to_probs, make_generator, sample_rows
 
 # policy(draft_requests, proposals) -> verification length per row, each in [0, len(proposal)].
 # A policy may also define observe(draft_requests, lengths, num_accepted), called after each
-# verification (e.g. to estimate acceptance for drafters without confidences); it must decide a
-# row's length for position k without looking at the drafted token at k (paper Appendix A).
+# verification (e.g. to estimate acceptance for drafters without confidences), and
+# plan(draft_requests, draft_seconds) -> most tokens each request may draft, called before drafting
+# with the engine's recent draft time per round. A policy must decide a row's length for position k
+# without looking at the drafted token at k (paper Appendix A).
 Policy = Callable[[Sequence[DraftRequest], Sequence[Proposal]], Sequence[int]]
 
 
@@ -146,6 +148,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, _Running] = {}  # slot -> request
         self.timings = EngineTimings()
+        self._draft_s: float | None = None  # moving average of a drafting round's time
 
     # ----------------------------------------------------------------------------------- requests
     def add_request(self, request: Request) -> None:
@@ -244,9 +247,16 @@ class Engine:
         requests = [
             DraftRequest(s.slot, s.tokens, self._max_drafts(s), s.request.sampling, s.generator) for s in states
         ]
+        plan = getattr(policy, "plan", None)
+        if plan is not None:  # the policy may cap drafting before it happens (past information only)
+            for r, cap in zip(requests, plan(requests, self._draft_s)):
+                r.max_tokens = max(0, min(r.max_tokens, int(cap)))
         t0 = time.perf_counter()
         proposals = self.drafter.propose(requests)
-        self.timings.propose_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        self.timings.propose_s += elapsed
+        if any(r.max_tokens > 0 for r in requests):  # recent draft time per round, for plan()
+            self._draft_s = elapsed if self._draft_s is None else 0.8 * self._draft_s + 0.2 * elapsed
         lengths = list(policy(requests, proposals))
         for r, p, n in zip(requests, proposals, lengths):
             if not 0 <= n <= min(len(p), r.max_tokens):

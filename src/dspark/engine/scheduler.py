@@ -28,7 +28,7 @@ from dspark.errors import DSparkError
 
 __all__ = [  # CostTable lives in dspark.engine.cost and is re-exported here
     "POLICY_NAMES", "AsyncScheduledPolicy", "CostTable", "FixedPolicy", "NonePolicy", "OnlineAcceptance",
-    "EstimatedPolicy", "ScheduledPolicy", "ThresholdPolicy", "async_budget", "build_policy", "fixed_lengths", "proposal_inputs",
+    "DraftGate", "EstimatedPolicy", "ScheduledPolicy", "ThresholdPolicy", "async_budget", "build_policy", "fixed_lengths", "proposal_inputs",
     "scheduled_lengths", "threshold_lengths", "top_k_lengths",
 ]
 
@@ -229,15 +229,69 @@ class FixedPolicy:
         return self.decide(*proposal_inputs(requests, proposals))
 
 
+class DraftGate:
+    """Whether this round's drafting can pay for itself, decided *before* drafting.
+
+    Algorithm 1 weighs verification cost only: the drafter's own time is already spent when it
+    runs. When drafts are rarely accepted (a weak drafter, or high load where the scheduler
+    verifies almost nothing), drafting every round then costs more than it buys. The gate compares
+    plain decoding, R / t(R), with speculation as Algorithm 1 would schedule it on the realised
+    per-position acceptance of past rounds, (R + expected accepted) / (t(B) + draft time), where
+    the draft time is what the engine measured on recent rounds. Closed, it still lets a round
+    draft after `probe_every` closed rounds, so the estimates follow the traffic; each probe that
+    finds it still closed doubles the wait (up to `max_probe_every`). Lossless: it uses past rounds
+    only and only lowers how many tokens a drafter may propose.
+    """
+
+    def __init__(self, cost: CostTable, acceptance: OnlineAcceptance, probe_every: int = 16,
+                 max_probe_every: int = 256):
+        if not 1 <= probe_every <= max_probe_every:
+            raise DSparkError(f"need 1 <= probe_every <= max_probe_every, got {probe_every}, {max_probe_every}")
+        self.cost, self.acceptance = cost, acceptance
+        self.probe_every, self.max_probe_every, self.wait = probe_every, max_probe_every, probe_every
+        self.closed_rounds = 0
+        self.is_open = True
+
+    def allow(self, max_lengths: Sequence[int], draft_seconds: float | None) -> bool:
+        rows = len(max_lengths)
+        if draft_seconds is None or rows == 0 or max(max_lengths) == 0:
+            return True
+        estimates = [self.acceptance.estimate(m) for m in max_lengths]
+        lengths = scheduled_lengths(estimates, max_lengths, self.cost)
+        expected = sum(math.prod(c[: j + 1]) for c, n in zip(estimates, lengths) for j in range(n))
+        speculative = (rows + expected) / (self.cost.time_at(rows + sum(lengths)) + draft_seconds)
+        was_probing = self.closed_rounds == 0 and not self.is_open
+        self.is_open = speculative > rows / self.cost.time_at(rows)
+        if self.is_open:
+            self.closed_rounds, self.wait = 0, self.probe_every
+            return True
+        if was_probing:  # the last probe did not reopen it: wait longer before the next one
+            self.wait = min(2 * self.wait, self.max_probe_every)
+        self.closed_rounds += 1
+        if self.closed_rounds >= self.wait:
+            self.closed_rounds = 0
+            return True
+        return False
+
+
 class EstimatedPolicy:
     """A pure length rule applied to each round's confidences; rows without confidences get
-    `OnlineAcceptance` estimates (past rounds only, so still lossless)."""
+    `OnlineAcceptance` estimates (past rounds only, so still lossless). With `draft_gate`, the
+    engine asks `plan` before drafting how many tokens each request may propose (see DraftGate)."""
 
     def __init__(self, name: str, rule: Callable[[Confidences, Sequence[int]], list[int]],
-                 prior: OnlineAcceptance | None = None, **settings):
+                 prior: OnlineAcceptance | None = None, draft_gate: bool = False, **settings):
         self.name, self.rule, self.last_budget = name, rule, 0
         self.acceptance = prior or OnlineAcceptance()
         self.__dict__.update(settings)  # e.g. threshold, cost: visible to callers and metrics
+        self.gate = DraftGate(settings["cost"], self.acceptance) if draft_gate else None
+
+    def plan(self, requests: Sequence[DraftRequest], draft_seconds: float | None) -> list[int]:
+        """Most tokens each request may draft this round (all of them unless the gate is closed)."""
+        caps = [r.max_tokens for r in requests]
+        if self.gate is None or self.gate.allow(caps, draft_seconds):
+            return caps
+        return [0] * len(caps)
 
     def decide(self, confidences, max_lengths) -> list[int]:
         lengths = self.rule(self.acceptance.fill(confidences, max_lengths), max_lengths)
@@ -262,9 +316,10 @@ def ThresholdPolicy(threshold: float, prior: OnlineAcceptance | None = None) -> 
                            threshold=threshold)
 
 
-def ScheduledPolicy(cost: CostTable, prior: OnlineAcceptance | None = None) -> EstimatedPolicy:  # noqa: N802
+def ScheduledPolicy(cost: CostTable, prior: OnlineAcceptance | None = None,  # noqa: N802
+                    draft_gate: bool = False) -> EstimatedPolicy:
     """Algorithm 1 with early stop on each round's own confidences."""
-    return EstimatedPolicy("scheduled", lambda c, m: scheduled_lengths(c, m, cost), prior, cost=cost)
+    return EstimatedPolicy("scheduled", lambda c, m: scheduled_lengths(c, m, cost), prior, draft_gate, cost=cost)
 
 
 class _AsyncRule:
@@ -284,7 +339,8 @@ class _AsyncRule:
         return lengths
 
 
-def AsyncScheduledPolicy(cost: CostTable, lag: int = 2, prior: OnlineAcceptance | None = None) -> EstimatedPolicy:  # noqa: N802
+def AsyncScheduledPolicy(cost: CostTable, lag: int = 2, prior: OnlineAcceptance | None = None,  # noqa: N802
+                         draft_gate: bool = False) -> EstimatedPolicy:
     """§5.2: the budget K of round t is the global search (no early stop) over round t - `lag`'s
     confidences; round t admits the K candidates with the highest *current* survival (top-K).
 
@@ -295,7 +351,7 @@ def AsyncScheduledPolicy(cost: CostTable, lag: int = 2, prior: OnlineAcceptance 
     """
     if lag < 1:
         raise DSparkError(f"async scheduling lag must be >= 1 round, got {lag}")
-    return EstimatedPolicy("async", _AsyncRule(cost, lag), prior, cost=cost, lag=lag)
+    return EstimatedPolicy("async", _AsyncRule(cost, lag), prior, draft_gate, cost=cost, lag=lag)
 
 
 POLICY_NAMES = ("none", "fixed", "threshold", "scheduled", "async")
@@ -303,8 +359,9 @@ DEFAULT_THRESHOLD = 0.5  # our choice; DeepSpec's --confidence-threshold default
 
 
 def build_policy(spec: str, block_size: int, cost: CostTable | None = None,
-                 threshold: float = DEFAULT_THRESHOLD):
-    """'none' | 'fixed[:K]' (K defaults to block_size) | 'threshold[:C]' | 'scheduled' | 'async'."""
+                 threshold: float = DEFAULT_THRESHOLD, draft_gate: bool = True):
+    """'none' | 'fixed[:K]' (K defaults to block_size) | 'threshold[:C]' | 'scheduled' | 'async'.
+    scheduled and async come with the DraftGate unless draft_gate=False."""
     name, _, arg = spec.strip().partition(":")
     valid = "none, fixed[:K], threshold[:C], scheduled, async"
     if name not in POLICY_NAMES:
@@ -323,5 +380,7 @@ def build_policy(spec: str, block_size: int, cost: CostTable | None = None,
         return ThresholdPolicy(threshold if value is None else value)
     if cost is None:
         raise DSparkError(f"policy {name!r} needs a cost table (measure one with `dspark profile`)")
-    return ScheduledPolicy(cost) if name == "scheduled" else AsyncScheduledPolicy(cost)
+    if name == "scheduled":
+        return ScheduledPolicy(cost, draft_gate=draft_gate)
+    return AsyncScheduledPolicy(cost, draft_gate=draft_gate)
 
