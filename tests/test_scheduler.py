@@ -498,3 +498,23 @@ def test_malformed_traces_name_the_line(tmp_path, line, message):
     (tmp_path / "t.jsonl").write_text(json.dumps({"confidences": [0.5], "accepted": 1}) + "\n" + line + "\n")
     with pytest.raises(DSparkError, match=f"t.jsonl:2.*{message}"):
         load_trace(tmp_path / "t.jsonl")
+
+
+@pytest.mark.parametrize("drafter_kind", ["dspark-rnn", "dflash", "eagle3", "draft-model", "ngram"])
+def test_greedy_identity_when_drafting_is_skipped_for_stretches_of_rounds(qwen3_target, tiny_dirs, drafter_kind):
+    """A gate may stop a drafter for many rounds; every drafter must catch up on what was committed
+    meanwhile (its caches and pending features) and stay lossless."""
+    target = qwen3_target
+    if drafter_kind == "ngram":
+        drafter = NgramDrafter()
+    elif drafter_kind == "draft-model":
+        drafter = DraftModelDrafter(load_model(str(tiny_dirs["qwen3"]), "fp64"))
+    else:
+        drafter = make(drafter_kind, target)
+    engine = Engine(target, drafter, EngineConfig(block_size=4, max_batch_size=3, max_seq_len=64))
+    outs = engine.generate([Request(p, stop=StopParams(max_new_tokens=m)) for p, m in zip(PROMPTS, MAX_NEW)],
+                           RandomDraftCaps(7))
+    for prompt, m, out in zip(PROMPTS, MAX_NEW, outs):
+        assert out.token_ids == expected_greedy(target, prompt, m)
+    if drafter_kind == "draft-model":  # the target drafting itself: every verified draft is accepted
+        assert sum(o.stats.num_accepted for o in outs) == sum(o.stats.num_verified for o in outs) > 0
