@@ -227,3 +227,12 @@ def test_aborting_a_request_frees_its_slot_and_leaves_the_others_intact(target):
         if r is not running[0]:
             assert done[i].token_ids == expected_greedy(target, PROMPTS[i], 12)
     assert not engine.running and all(not used for used in engine.cache.in_use)
+
+
+def test_out_of_range_seeds_are_refused_before_a_request_takes_a_slot():
+    from dspark.errors import DSparkError
+
+    for seed in (2**64, -(2**63) - 1):
+        with pytest.raises(DSparkError, match="seed must be an integer"):
+            SamplingParams(temperature=1.0, seed=seed)
+    SamplingParams(seed=2**64 - 1), SamplingParams(seed=-(2**63))

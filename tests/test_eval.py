@@ -13,6 +13,7 @@ from dspark.config import EngineConfig, SamplingParams, StopParams
 from dspark.drafters.checkpoint import build_dspark_model, load_drafter, new_dspark_config, save_drafter
 from dspark.drafters.simple import NgramDrafter
 from dspark.engine.engine import Engine, Request
+from dspark.errors import DSparkError
 from dspark.eval import runner
 from dspark.eval.calibration import (
     SurvivalSamples, auroc, calibration_metrics, ece, fit_sts, known_positions, survival_samples, threshold_sweep,
@@ -204,3 +205,15 @@ def test_calibrate_refuses_a_drafter_without_confidence_head(qwen3_fp32, tiny_di
                  "--prompts", str(prompts), "--dtype", "fp32"]) == 2
     assert "no confidence head" in capsys.readouterr().err
     assert not (tmp_path / "dflash" / "calibration.json").exists()
+
+
+def test_drafters_sharing_a_folder_name_get_distinct_labels_and_settings_are_not_mixed(target, tmp_path):
+    assert runner.drafter_labels(["none", "runs/a/final", "runs/b/final", "ngram"]) == {
+        "none": "none", "runs/a/final": "runs_a_final", "runs/b/final": "runs_b_final", "ngram": "ngram"}
+    bench = tmp_path / "b.jsonl"
+    bench.write_text(json.dumps({"turns": ["w5 w6 w5 w6"]}))
+    cfg = runner.EvalConfig(temperature=1.0, block_size=2, max_new_tokens=6)
+    runner.run_eval(target, {}, [str(bench)], tmp_path / "out", cfg, plots=False)
+    other = runner.EvalConfig(temperature=0.0, block_size=2, max_new_tokens=6)
+    with pytest.raises(DSparkError, match="temperature"):
+        runner.run_eval(target, {}, [str(bench)], tmp_path / "out", other, plots=False)

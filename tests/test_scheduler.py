@@ -518,3 +518,13 @@ def test_greedy_identity_when_drafting_is_skipped_for_stretches_of_rounds(qwen3_
         assert out.token_ids == expected_greedy(target, prompt, m)
     if drafter_kind == "draft-model":  # the target drafting itself: every verified draft is accepted
         assert sum(o.stats.num_accepted for o in outs) == sum(o.stats.num_verified for o in outs) > 0
+
+
+def test_async_policy_starts_over_after_rounds_without_drafts():
+    """Budgets of rounds where nothing was drafted (a closed gate) must not starve later rounds."""
+    cost = CostTable.flat()
+    policy = build_policy("async", 2, cost, draft_gate=False)
+    confident = [[0.9, 0.9], [0.9, 0.9]]
+    for _ in range(3):
+        assert policy.decide([[], []], [0, 0]) == [0, 0]
+    assert policy.decide(confident, [2, 2]) == scheduled_lengths(confident, [2, 2], cost) == [2, 2]

@@ -237,6 +237,8 @@ def test_concurrent_streams_with_cancellations_lose_nothing_and_free_every_slot(
     ("/v1/completions", {"prompt": "w5", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": "w5", "max_tokens": "ten"}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "w5", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}], "max_completion_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "w5", "seed": 2**70}, 400, "seed"),
     ("/v1/completions", {"prompt": "w5", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"prompt": 5}, 400, "prompt"),
     ("/v1/completions", {"prompt": "w5", "top_p": 0}, 400, "top_p"),

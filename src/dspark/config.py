@@ -26,6 +26,8 @@ class SamplingParams:
             raise DSparkError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise DSparkError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.seed is not None and not (-(2**63) <= self.seed < 2**64):
+            raise DSparkError(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
 
     @property
     def greedy(self) -> bool:

@@ -210,9 +210,9 @@ class Engine:
         admitted: list[_Running] = []
         while self.waiting and len(self.running) < self.cache.num_slots:
             request = self.waiting.popleft()
+            generator = make_generator(request.sampling.seed)  # before taking a slot: nothing to undo
             slot = self.cache.allocate()
-            seed = request.sampling.seed
-            state = _Running(request, slot, list(request.prompt_ids), make_generator(seed), RequestStats(), time.perf_counter())
+            state = _Running(request, slot, list(request.prompt_ids), generator, RequestStats(), time.perf_counter())
             self.running[slot] = state
             admitted.append(state)
         if not admitted:

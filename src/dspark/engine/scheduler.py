@@ -330,6 +330,11 @@ class _AsyncRule:
         self._budgets: deque[int] = deque()  # budgets of the last `lag` rounds, oldest first
 
     def __call__(self, filled: Confidences, max_lengths: Sequence[int]) -> list[int]:
+        if max(max_lengths, default=0) == 0:
+            # Nothing drafted (e.g. a closed draft gate): budgets from such rounds would say 0 and
+            # starve the next drafting round, so start over with Algorithm 1 there.
+            self._budgets.clear()
+            return [0] * len(max_lengths)
         if len(self._budgets) >= self.lag:
             lengths = top_k_lengths(filled, max_lengths, self._budgets.popleft())
         else:

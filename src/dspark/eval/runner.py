@@ -23,6 +23,7 @@ from tqdm import tqdm
 from dspark.config import EngineConfig, SamplingParams, StopParams
 from dspark.data.prompts import read_prompts
 from dspark.engine.engine import Engine, Request
+from dspark.errors import DSparkError
 from dspark.eval.calibration import calibration_metrics, survival_samples, threshold_sweep
 from dspark.eval.metrics import summarize_rounds
 from dspark.eval.report import report_markdown
@@ -105,13 +106,39 @@ def _confidence_results(logs: dict, cfg: EvalConfig) -> dict | None:
     return out
 
 
+def drafter_labels(names: list[str]) -> dict[str, str]:
+    """Short, unique labels for drafter names: a folder's basename, or its whole path (with '/' as
+    '_') when two folders share a basename."""
+    short = {n: Path(n).name or n for n in names}
+    clashing = {v for v in short.values() if list(short.values()).count(v) > 1}
+    return {n: ("_".join(Path(n).parts).lstrip("_") if short[n] in clashing else short[n]) for n in names}
+
+
+def _check_resumable(out: Path, cfg: EvalConfig) -> None:
+    """OUT keeps the config its partial results were made with; another config is refused rather
+    than silently mixed with them."""
+    file = out / "eval_config.json"
+    current = json.loads(json.dumps(asdict(cfg)))
+    if file.is_file():
+        previous = json.loads(file.read_text())
+        if previous != current:
+            changed = sorted(k for k in current if previous.get(k) != current[k])
+            raise DSparkError(f"{out} holds results made with other settings ({', '.join(changed)}: "
+                              f"{[previous.get(k) for k in changed]} there, {[current[k] for k in changed]} now); "
+                              "use another --out, or delete it to start over")
+    else:
+        file.write_text(json.dumps(current, indent=2))
+
+
 def run_eval(target, drafters: dict, benchmarks: list[str], out_dir, cfg: EvalConfig, plots: bool = True) -> dict:
     """drafters: name -> Drafter (the name 'none' is run as the baseline if absent)."""
     from dspark.drafters.simple import NoDrafter
 
     out = Path(out_dir)
     (out / "partial").mkdir(parents=True, exist_ok=True)
+    _check_resumable(out, cfg)
     runs = {"none": NoDrafter(), **drafters}
+    labels = drafter_labels(list(runs))
     results: dict = {"config": asdict(cfg), "benchmarks": {}, "domains": {}}
     pooled: dict[tuple[str, str], dict] = {}
     for file in benchmark_files(benchmarks):
@@ -119,7 +146,7 @@ def run_eval(target, drafters: dict, benchmarks: list[str], out_dir, cfg: EvalCo
         ids = [encode_messages(target.tokenizer, list(p.messages)) for p in prompts]
         bench = results["benchmarks"].setdefault(file.stem, {"prompts": len(ids), "domain": domain_of(file.stem), "drafters": {}})
         for name, drafter in runs.items():
-            label = Path(name).name
+            label = labels[name]
             partial = out / "partial" / f"{file.stem}__{label}.json"
             if partial.is_file():
                 pair = json.loads(partial.read_text())
@@ -200,7 +227,6 @@ def calibrate_drafter(target, drafter_dir: str | Path, prompt_files: list[str], 
     """Fit Sequential Temperature Scaling on held-out prompts and store calibration.json in the
     drafter folder (the engine applies it on load). Runs with raw confidences and full verification."""
     from dspark.drafters.checkpoint import load_drafter, write_calibration
-    from dspark.errors import DSparkError
     from dspark.eval.calibration import fit_sts
 
     drafter = load_drafter(drafter_dir, target, calibrated=False)

@@ -284,8 +284,10 @@ class AsyncEngine:
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, []
             try:
-                self._apply_cancels(cancels)
-                self._apply_adds(inbox)
+                try:
+                    self._apply_cancels(cancels)
+                finally:  # a failing cancel must not swallow the submissions that came with it
+                    self._apply_adds(inbox)
                 if self.engine.has_unfinished():
                     self._step()
             except Exception:  # a bug here, not in a request: log it and keep serving
@@ -299,7 +301,11 @@ class AsyncEngine:
         for handle in cancels:
             if handle.done:
                 continue
-            out = self.engine.abort(handle.request)
+            try:
+                out = self.engine.abort(handle.request)
+            except Exception:  # e.g. a drafter's release() failing: the request still ends here
+                log.exception("dspark: aborting a request failed")
+                out = None
             self.num_aborted += out is not None
             tokens = out.token_ids[handle.sent :] if out is not None else []
             self._finish(handle, Increment(tokens, "abort", out))

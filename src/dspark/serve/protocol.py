@@ -97,6 +97,8 @@ def sampling_params(body: CommonParams) -> SamplingParams:
         raise invalid(f"top_p must be in (0, 1] (1 = off), got {body.top_p}", "top_p")
     if body.top_k < -1:
         raise invalid(f"top_k must be >= 0, or 0 or -1 for off, got {body.top_k}", "top_k")
+    if body.seed is not None and not -(2**63) <= body.seed < 2**64:
+        raise invalid(f"seed must be an integer in [-2**63, 2**64), got {body.seed}", "seed")
     return SamplingParams(body.temperature, max(body.top_k, 0), body.top_p, body.seed)
 
 
@@ -108,7 +110,9 @@ def stop_strings(body: CommonParams) -> list[str]:
 
 
 def requested_max_tokens(body: CommonParams) -> int | None:
-    value = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    value = getattr(body, "max_completion_tokens", None)
+    if value is None:
+        value = body.max_tokens
     if value is not None and value < 1:
         raise invalid(f"max_tokens must be at least 1, got {value}", "max_tokens")
     return value
