@@ -40,6 +40,12 @@ class TargetSpec:
     fingerprint: str | None = None
 
 
+def check_confidence_temperatures(temps: tuple[float, ...], block_size: int) -> None:
+    """Per-position confidence temperatures: none, or block_size values > 0."""
+    if temps and (len(temps) != block_size or any(t <= 0 for t in temps)):
+        raise DSparkError(f"confidence temperatures must be {block_size} values > 0, got {list(temps)}")
+
+
 @dataclass(frozen=True)
 class DSparkConfig:
     target: TargetSpec
@@ -73,9 +79,7 @@ class DSparkConfig:
             raise DSparkError(f"markov_head_type {self.markov_head_type!r} is not one of {', '.join(HEAD_TYPES)}")
         if not 0 <= self.mask_token_id < self.target.vocab_size:
             raise DSparkError(f"mask_token_id {self.mask_token_id} is outside the vocabulary [0, {self.target.vocab_size})")
-        temps = self.confidence_temperatures
-        if temps and (len(temps) != self.block_size or any(t <= 0 for t in temps)):
-            raise DSparkError(f"confidence temperatures must be {self.block_size} values > 0, got {list(temps)}")
+        check_confidence_temperatures(self.confidence_temperatures, self.block_size)
 
 
 def default_target_layer_ids(num_layers: int, count: int = 5) -> tuple[int, ...]:
@@ -237,8 +241,7 @@ class DSparkDrafter:
         self.config = model.config
         # Per-position temperatures of the confidence logits (calibration); () = raw confidences.
         temps = model.config.confidence_temperatures if confidence_temperatures is None else tuple(confidence_temperatures)
-        if temps and (len(temps) != self.config.block_size or any(t <= 0 for t in temps)):
-            raise DSparkError(f"confidence temperatures must be {self.config.block_size} values > 0, got {list(temps)}")
+        check_confidence_temperatures(temps, self.config.block_size)
         self.confidence_temperatures = temps
         self.name = model.config.arch
         self.feature_layers = tuple(model.config.target_layer_ids)

@@ -256,10 +256,12 @@ class DraftGate:
         rows = len(max_lengths)
         if draft_seconds is None or rows == 0 or max(max_lengths) == 0:
             return True
-        estimates = [self.acceptance.estimate(m) for m in max_lengths]
-        lengths = scheduled_lengths(estimates, max_lengths, self.cost)
-        expected = sum(math.prod(c[: j + 1]) for c, n in zip(estimates, lengths) for j in range(n))
-        speculative = (rows + expected) / (self.cost.time_at(rows + sum(lengths)) + draft_seconds)
+        # Algorithm 1's admission on the estimates: the admitted candidates' survivals are the
+        # expected accepted drafts, their count the verified ones.
+        candidates = _candidates([self.acceptance.estimate(m) for m in max_lengths], max_lengths)
+        admitted = candidates[: _greedy_path(candidates, rows, self.cost, early_stop=True)]
+        expected = sum(a for a, _, _ in admitted)
+        speculative = (rows + expected) / (self.cost.time_at(rows + len(admitted)) + draft_seconds)
         was_probing = self.closed_rounds == 0 and not self.is_open
         self.is_open = speculative > rows / self.cost.time_at(rows)
         if self.is_open:

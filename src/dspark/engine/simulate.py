@@ -93,23 +93,28 @@ def load_trace(source: str | Path | Iterable[Mapping]) -> list[tuple[Round, obje
     return out
 
 
-def trace_from_stats(stats: Iterable, request_ids: Iterable | None = None) -> list[dict]:
-    """Records from the engine's RequestStats (round_log + confidence_log) of a verify-all run.
+def trace_from_logs(round_log: Iterable, confidence_log: Iterable, request=None) -> list[dict]:
+    """Records from one request's round log (verified, accepted, committed) and confidence log.
 
     A round is kept when its acceptance is known for a full verification: everything drafted was
     verified, or a draft was rejected before the verified prefix ended."""
     records = []
-    ids = list(request_ids) if request_ids is not None else None
-    for i, s in enumerate(stats):
-        for (verified, accepted, _), conf in zip(s.round_log, s.confidence_log):
-            proposed = len(conf) if conf else verified
-            if verified == proposed or accepted < verified:
-                record = {"confidences": list(conf), "accepted": accepted}
-                if not conf:
-                    record["proposed"] = proposed
-                record["request"] = ids[i] if ids is not None else i
-                records.append(record)
+    for (verified, accepted, _), conf in zip(round_log, confidence_log):
+        proposed = len(conf) if conf else verified
+        if verified == proposed or accepted < verified:
+            record = {"confidences": list(conf), "accepted": accepted}
+            if not conf:
+                record["proposed"] = proposed
+            record["request"] = request
+            records.append(record)
     return records
+
+
+def trace_from_stats(stats: Iterable, request_ids: Iterable | None = None) -> list[dict]:
+    """Records from the engine's RequestStats (round_log + confidence_log) of a verify-all run."""
+    ids = list(request_ids) if request_ids is not None else None
+    return [record for i, s in enumerate(stats)
+            for record in trace_from_logs(s.round_log, s.confidence_log, ids[i] if ids is not None else i)]
 
 
 def save_trace(records: Iterable[Mapping], path: str | Path) -> None:

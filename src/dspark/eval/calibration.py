@@ -79,11 +79,16 @@ def survival_samples(round_logs: Sequence[tuple[int, int, int]], confidence_logs
     return SurvivalSamples(logits, accepted, known)
 
 
+def scaled_logits(logits: torch.Tensor, temperatures: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
+    """[N, K] logits divided by per-position temperatures (none given: unchanged)."""
+    if temperatures is None or len(temperatures) == 0:
+        return logits
+    return logits / torch.as_tensor(list(temperatures), dtype=logits.dtype)[: logits.shape[1]]
+
+
 def prefix_survival(logits: torch.Tensor, temperatures: Sequence[float] | torch.Tensor | None = None) -> torch.Tensor:
     """[N, K] logits -> [N, K] a_k = prod_{i<=k} sigmoid(z_i / T_i)."""
-    if temperatures is not None and len(temperatures) > 0:
-        logits = logits / torch.as_tensor(temperatures, dtype=logits.dtype)[: logits.shape[1]]
-    return torch.cumprod(torch.sigmoid(logits), dim=1)
+    return torch.cumprod(torch.sigmoid(scaled_logits(logits, temperatures)), dim=1)
 
 
 def ece(pred: torch.Tensor, label: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -207,10 +212,7 @@ def threshold_sweep(samples: SurvivalSamples, thresholds: Sequence[float],
     positions. Per threshold: verified, accepted and rejected drafts per round, acceptance rate and
     tau (accepted + 1).
     """
-    logits = samples.logits
-    if temperatures is not None and len(temperatures) > 0:
-        logits = logits / torch.as_tensor(list(temperatures), dtype=torch.float64)[: samples.width]
-    conf = torch.sigmoid(logits)
+    conf = torch.sigmoid(scaled_logits(samples.logits, temperatures))
     outside = torch.arange(samples.width)[None, :] >= samples.known[:, None]
     n = max(len(samples), 1)
     out = []

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -185,15 +185,12 @@ def run_eval(target, drafters: dict, benchmarks: list[str], out_dir, cfg: EvalCo
 
 def write_traces(pooled: dict, out: Path) -> list[str]:
     """OUT/traces/<drafter>.jsonl: every full-verification round, for `dspark simulate --trace`."""
-    from types import SimpleNamespace
-
-    from dspark.engine.simulate import save_trace, trace_from_stats
+    from dspark.engine.simulate import save_trace, trace_from_logs
 
     by_drafter: dict[str, list] = {}
     for (domain, label), logs in pooled.items():
         if label != "none":
-            stats = SimpleNamespace(round_log=[tuple(r) for r in logs["rounds"]], confidence_log=logs["confidences"])
-            by_drafter.setdefault(label, []).extend(trace_from_stats([stats], [domain]))
+            by_drafter.setdefault(label, []).extend(trace_from_logs(logs["rounds"], logs["confidences"], domain))
     (out / "traces").mkdir(exist_ok=True)
     for label, records in by_drafter.items():
         save_trace(records, out / "traces" / f"{label}.jsonl")
@@ -233,7 +230,7 @@ def calibrate_drafter(target, drafter_dir: str | Path, prompt_files: list[str], 
     if getattr(getattr(drafter, "model", None), "confidence_head", None) is None:
         raise DSparkError(f"{drafter_dir} has no confidence head (a {drafter.name} drafter); nothing to calibrate")
     block = drafter.config.block_size
-    cfg = EvalConfig(cfg.temperature, block, cfg.max_new_tokens, cfg.limit, cfg.batch_size, cfg.thresholds)
+    cfg = replace(cfg, block_size=block)
     files = benchmark_files(prompt_files)
     ids = [encode_messages(target.tokenizer, list(p.messages)) for f in files for p in read_prompts([f])[: cfg.limit]]
     if not ids:
