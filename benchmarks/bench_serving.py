@@ -1,16 +1,23 @@
 """Throughput against concurrency for verification policies, on this machine and in simulation.
 
-Measured side by side in one run, on SmolLM2-135M (bf16), greedy, GSM8K prompts:
-  1. the target's cost table SPS(B) (verify forwards of B tokens, profiled first);
-  2. for each concurrency R (all R requests decode together in the engine) and policy — `none`
-     (plain decoding, no drafter), `fixed:3`, `fixed:7`, `scheduled` (Algorithm 1 on the
-     profiled table), `async` (§5.2) — aggregate tokens/s and per-user tokens/s;
-     goal: scheduled >= the best of the others at every R, and never below no speculation;
+Measured side by side in one run, on SmolLM2-135M (bf16), greedy, one engine per (R, policy):
+  1. the target's cost table SPS(B) (verify forwards of B tokens, profiled first, with one curve per
+     concurrency R in the engine's shape: R rows of 1..K+1 tokens);
+  2. for each concurrency R and policy — `none` (plain decoding, no drafter), `fixed:3`,
+     `fixed:7`, `scheduled` (Algorithm 1 on the profiled table), `async` (§5.2) — steady-state
+     continuous batching: R requests in flight, a finished one replaced at once by the next prompt
+     (as a server under constant load), until `--requests-per-level` x R have been admitted.
+     Aggregate tokens/s is counted over that window (prefills included, the drain at the end
+     excluded); per-user tokens/s is the mean over finished requests.
+     Goal: scheduled >= the best of the others at every R, and never below no speculation;
   3. the fixed:7 rounds as a trace, replayed by the simulator at up to 256 concurrent requests on
      the measured table and on a synthetic GPU-shaped table (flat to a knee, then linear).
 
+Torch runs on `--threads` threads (default 1): on a small shared CPU, two threads drift by up to 20%
+between back-to-back identical runs, more than the differences being measured; one is steady.
+
     .venv/bin/python benchmarks/bench_serving.py --drafter runs/dspark/step_100 [--concurrency 1,2,4,8,16]
-    .venv/bin/python benchmarks/bench_serving.py --drafter ngram
+    .venv/bin/python benchmarks/bench_serving.py --drafter ngram --prompts ../shared/data/eval/humaneval.jsonl
 
 Writes bench_results/serving/{results.json, report.md, throughput.png, simulation_*.png}.
 """
@@ -40,19 +47,34 @@ POLICIES = ("none", "fixed:3", "fixed:7", "scheduled", "async")
 BLOCK = 7
 
 
-def run_level(target, drafter, policy, prompts: list[list[int]], max_new: int) -> dict:
-    engine = Engine(target, drafter, EngineConfig(block_size=BLOCK, max_batch_size=len(prompts),
+def run_level(target, drafter, policy, prompts: list[list[int]], concurrency: int, num_requests: int,
+              max_new: int) -> dict:
+    """Keep `concurrency` requests in flight until `num_requests` have been admitted."""
+    engine = Engine(target, drafter, EngineConfig(block_size=BLOCK, max_batch_size=concurrency,
                                                   max_seq_len=max(map(len, prompts)) + max_new + 1))
-    requests = [Request(p, SamplingParams(0.0), StopParams(max_new, ignore_eos=True), request_id=i) for i, p in enumerate(prompts)]
+    requests = [Request(prompts[i % len(prompts)], SamplingParams(0.0), StopParams(max_new, ignore_eos=True), request_id=i)
+                for i in range(num_requests)]
+    queue = iter(requests)
+    for _ in range(min(concurrency, num_requests)):
+        engine.add_request(next(queue))
+    outs, window = [], None
     start = time.perf_counter()
-    outs = engine.generate(requests, policy)
-    wall = time.perf_counter() - start
-    tokens = sum(o.stats.num_generated for o in outs)
+    left = num_requests - concurrency
+    while engine.has_unfinished():
+        for out in engine.step(policy):
+            outs.append(out)
+            if left > 0:
+                engine.add_request(next(queue))
+                left -= 1
+                if left == 0:  # every request is in: from here on the batch only drains, not steady load
+                    window = (time.perf_counter() - start, sum(o.stats.num_generated for o in outs)
+                              + sum(len(t) for _, t in engine.running_tokens()))
+    wall_s, tokens = window or (time.perf_counter() - start, sum(o.stats.num_generated for o in outs))
     rounds = sum(o.stats.rounds for o in outs)
-    return {"tokens_per_s": tokens / wall, "per_user_tokens_per_s": sum(o.stats.tokens_per_second for o in outs) / len(outs),
+    return {"tokens_per_s": tokens / wall_s, "per_user_tokens_per_s": sum(o.stats.tokens_per_second for o in outs) / len(outs),
             "accept_length": sum(o.stats.committed_in_rounds for o in outs) / max(rounds, 1),
-            "verified_per_round": sum(o.stats.num_verified for o in outs) / max(rounds, 1), "wall_s": wall,
-            "stats": [o.stats for o in outs]}
+            "verified_per_round": sum(o.stats.num_verified for o in outs) / max(rounds, 1), "window_s": wall_s,
+            "window_tokens": tokens, "stats": [o.stats for o in outs]}
 
 
 def plot_throughput(results: dict, path: Path) -> None:
@@ -80,30 +102,40 @@ def main() -> None:
     parser.add_argument("--drafter", default="ngram", help="ngram or a drafter folder")
     parser.add_argument("--concurrency", default="1,2,4,8,16")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--requests-per-level", type=int, default=4, help="requests admitted per level, times R")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (profile and runs alike)")
     parser.add_argument("--prompts", default="../shared/data/eval/gsm8k.jsonl")
     parser.add_argument("--out", default="bench_results/serving")
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.concurrency.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     target = load_model("smollm2-135m", "bf16")
     drafter = build_drafter(args.drafter, target)
-    prompts_all = [encode_messages(target.tokenizer, list(p.messages)) for p in read_prompts([args.prompts])[: max(levels)]]
+    num_prompts = max(levels) * args.requests_per_level
+    prompts_all = [encode_messages(target.tokenizer, list(p.messages)) for p in read_prompts([args.prompts])[:num_prompts]]
 
     most = max(levels) * (BLOCK + 1)
     points = sorted({1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, most} & set(range(1, most + 1)))
-    cost = profile_target(target, points, context=256, block_size=BLOCK, feature_layers=drafter.feature_layers)
+    # Profiled at the contexts these requests will have: their mean prompt plus half the new tokens.
+    context = round(sum(map(len, prompts_all)) / len(prompts_all) + args.max_new_tokens / 2)
+    cost = profile_target(target, points, context=context, block_size=BLOCK, feature_layers=drafter.feature_layers,
+                          rows=levels)
     cost.save(out / "cost_table.json")
     print("SPS(B):", {b: round(s, 1) for b, s in zip(cost.tokens, cost.sps)})
+    for r, curve in cost.by_rows:
+        print(f"  R={r}: ms per step at B =", {b: round(1000 / s, 1) for b, s in zip(curve.tokens, curve.sps)})
 
     results: dict = {}
     traces = []
     for c in levels:
-        prompts = prompts_all[:c]
+        prompts = prompts_all[: c * args.requests_per_level]
         for spec in POLICIES:
             d = NoDrafter() if spec == "none" else build_drafter(args.drafter, target)
-            r = run_level(target, d, build_policy(spec, BLOCK, cost), prompts, args.max_new_tokens)
+            r = run_level(target, d, build_policy(spec, BLOCK, cost), prompts, c, c * args.requests_per_level,
+                          args.max_new_tokens)
             stats = r.pop("stats")
             if spec == "fixed:7":
                 traces += trace_from_stats(stats, [f"{c}:{i}" for i in range(len(stats))])
@@ -118,7 +150,9 @@ def main() -> None:
                        (1, 2, 4, 8, 16, 32, 64, 128, 256), steps=256)
         sim[label] = results_to_json(res)
         plot_simulation(res, out / f"simulation_{label}.png")
-    (out / "results.json").write_text(json.dumps({"drafter": args.drafter, "cost_table": cost.to_json(),
+    (out / "results.json").write_text(json.dumps({"drafter": args.drafter, "threads": args.threads,
+                                                  "requests_per_level": args.requests_per_level,
+                                                  "max_new_tokens": args.max_new_tokens, "cost_table": cost.to_json(),
                                                   "measured": results, "simulated": sim}, indent=2))
     lines = ["| policy | " + " | ".join(f"R={c}" for c in levels) + " |", "|---|" + "---|" * len(levels)]
     for spec, per in results.items():

@@ -61,8 +61,10 @@ def test_rolled_back_cache_equals_fresh_prefill(tiny_dirs, family):
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])
-def test_ragged_batch_rows_equal_single_row_forwards(tiny_dirs, family):
-    """Rows with different committed lengths and padded new tokens, in non-contiguous slots."""
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_ragged_batch_rows_equal_single_row_forwards(tiny_dirs, family, packed):
+    """Rows with different committed lengths and padded new tokens, in non-contiguous slots; with
+    num_new the per-token layers run on the real tokens only (packed), and the results are the same."""
     model, _ = load_native_model(tiny_dirs[family], torch.float64)
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, model.args.vocab_size, (n,), generator=gen) for n in (3, 9, 6)]
@@ -76,11 +78,19 @@ def test_ragged_batch_rows_equal_single_row_forwards(tiny_dirs, family):
     for row, n in enumerate(news):
         ids[row, : len(n)] = n
     positions = torch.tensor([len(p) for p in prompts])[:, None] + torch.arange(width)
-    out = model(ids, positions, torch.tensor(slots), cache, hidden_layers=(1,))
+    num_new = torch.tensor([len(n) for n in news]) if packed else None
+    out = model(ids, positions, torch.tensor(slots), cache, num_new=num_new, hidden_layers=(1,))
     for row, (prompt, new) in enumerate(zip(prompts, news)):
         ref = forward(model, torch.cat([prompt, new]), new_cache(model), hidden_layers=(1,))
         torch.testing.assert_close(out.logits[row, : len(new)], ref.logits[0, len(prompt) :], atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(out.hidden_states[row, : len(new)], ref.hidden_states[0, len(prompt) :], atol=1e-10, rtol=1e-10)
+    if packed:  # the last-token and hidden-only outputs of the packed path
+        last = model(ids, positions, torch.tensor(slots), cache, num_new=num_new, last_only=True)
+        hidden = model(ids, positions, torch.tensor(slots), cache, num_new=num_new, compute_logits=False)
+        for row, new in enumerate(news):
+            torch.testing.assert_close(last.logits[row, 0], out.logits[row, len(new) - 1], atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(model.lm_head(hidden.final_hidden[row, : len(new)]).float(),
+                                       out.logits[row, : len(new)].float(), atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.slow

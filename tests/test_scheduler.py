@@ -192,6 +192,47 @@ def test_online_acceptance_counts_conditional_trials():
     assert est.estimate(4) == pytest.approx([3 / 5, 2 / 4, 2 / 3, 1 / 2])
 
 
+def test_online_acceptance_keeps_per_request_estimates_shrunk_to_the_pooled_one():
+    est = OnlineAcceptance(decay=1.0, request_prior=4.0)
+    est.update([2, 2], [2, 0], keys=["copy", "prose"])  # 'copy' accepted both drafts, 'prose' none
+    pooled = est.estimate(2)
+    assert pooled == pytest.approx([(1 + 1) / (2 + 2), (1 + 1) / (1 + 2)])
+    assert est.estimate(2, "copy") == pytest.approx([(1 + 4 * pooled[0]) / 5, (1 + 4 * pooled[1]) / 5])
+    assert est.estimate(2, "prose") == pytest.approx([(0 + 4 * pooled[0]) / 5, pooled[1]])  # j2 never tried
+    assert est.estimate(2, "new") == pooled  # no history: the pooled estimate
+    assert est.fill([None, [0.3]], [2, 1], ["copy", "prose"]) == [est.estimate(2, "copy"), [0.3]]
+    est.update([1], [1], keys=["copy"])  # 'prose' has finished: forgotten
+    assert set(est.requests) == {"copy"}
+
+
+def test_online_acceptance_forgets_old_evidence_only_in_rounds_that_verify():
+    est = OnlineAcceptance(decay=0.5)
+    est.update([1] * 4, [0] * 4)
+    assert est.trials == [4]
+    est.update([0, 0], [0, 0])  # nothing verified: nothing learned, nothing forgotten
+    assert est.trials == [4]
+    est.update([1], [1])
+    assert est.trials == [3.0] and est.accepts == [1.0]  # 4 * 0.5 + 1 trials, 0 * 0.5 + 1 accepts
+    with pytest.raises(DSparkError, match="decay"):
+        OnlineAcceptance(decay=0.0)
+    with pytest.raises(DSparkError, match="request_prior"):
+        OnlineAcceptance(request_prior=0)
+
+
+def test_a_probe_round_verifies_at_least_one_draft_per_request():
+    """A closed gate never lets the scheduler learn that drafts got better unless its probes verify."""
+    cost = table({1: 100.0, 2: 50.0})  # every verified token costs as much as the whole step
+    policy = ScheduledPolicy(cost, draft_gate=True)
+    policy.gate.probe_every = policy.gate.wait = 2
+    policy.acceptance.update([4] * 50, [0] * 50)  # looks hopeless
+    requests = [type("R", (), {"max_tokens": 4, "uid": i})() for i in range(3)]
+    assert policy.plan(requests, 0.02) == [0, 0, 0] and not policy.gate.probing
+    assert policy.plan(requests, 0.02) == [4, 4, 4] and policy.gate.probing  # the probe
+    assert policy.decide([None] * 3, [4, 0, 2], [0, 1, 2]) == [1, 0, 1]
+    assert policy.plan(requests, 0.02) == [0, 0, 0] and not policy.gate.probing
+    assert policy.decide([None] * 3, [4, 0, 2], [0, 1, 2]) == [0, 0, 0]
+
+
 def test_async_policy_uses_the_budget_of_two_rounds_earlier():
     cost = table({2: 10.0, 3: 10.0, 4: 9.0, 5: 7.0, 6: 8.0})
     policy = AsyncScheduledPolicy(cost)
@@ -230,6 +271,7 @@ class Recorder:
 
     def __init__(self, policy):
         self.policy, self.lengths, self.full_lengths = policy, [], collections.Counter()
+        self.gate_rounds = collections.Counter()
 
     def __call__(self, requests, proposals):
         lengths = self.policy(requests, proposals)
@@ -244,7 +286,10 @@ class Recorder:
 
     def plan(self, requests, draft_seconds):
         plan = getattr(self.policy, "plan", None)
-        return plan(requests, draft_seconds) if plan is not None else [r.max_tokens for r in requests]
+        caps = plan(requests, draft_seconds) if plan is not None else [r.max_tokens for r in requests]
+        gate = getattr(self.policy, "gate", None)
+        self.gate_rounds.update(["closed" if not any(caps) else "probe" if gate and gate.probing else "open"])
+        return caps
 
 
 @pytest.fixture(scope="module")
@@ -308,14 +353,24 @@ def scheduled_tv(target, drafter, policy, joint, num_samples=20_000):
     return tv, tv_bound(list(joint.values()), num_samples)
 
 
-@pytest.mark.parametrize("kind", ["scheduled", "async", "scheduled-online"])
+@pytest.mark.parametrize("kind", ["scheduled", "async", "scheduled-online", "scheduled-gated"])
 def test_sequence_distribution_with_scheduled_lengths(vocab4_pair, vocab4_joint, kind):
     """20k seeded samples of 4 tokens (256 sequences): scheduled lengths stay lossless, with DSpark's
-    own confidences, with the asynchronous top-K rule, and with online estimates (a draft model)."""
+    own confidences, with the asynchronous top-K rule, with online per-request estimates (a draft
+    model), and with those behind the draft gate (closed rounds, probes that force a verification)."""
     target, draft = vocab4_pair
-    drafter = DraftModelDrafter(draft) if kind == "scheduled-online" else confident_dspark(target)
-    policy = Recorder((AsyncScheduledPolicy if kind == "async" else ScheduledPolicy)(VOCAB4_COST))
+    drafter = DraftModelDrafter(draft) if kind.startswith("scheduled-") else confident_dspark(target)
+    if kind == "async":
+        policy = Recorder(AsyncScheduledPolicy(VOCAB4_COST))
+    elif kind == "scheduled-gated":  # a steep table and a fast probe cycle: the gate opens, closes, probes
+        gated = ScheduledPolicy(table({1: 100.0, 512: 100.0, 1024: 60.0, 2048: 10.0}), draft_gate=True)
+        gated.gate.probe_every = gated.gate.wait = gated.gate.max_probe_every = 2
+        policy = Recorder(gated)
+    else:
+        policy = Recorder(ScheduledPolicy(VOCAB4_COST))
     tv, bound = scheduled_tv(target, drafter, policy, vocab4_joint)
+    if kind == "scheduled-gated":
+        assert min(policy.gate_rounds[k] for k in ("closed", "probe", "open")) > 0, policy.gate_rounds
     assert len(policy.full_lengths) > 1, f"rows with 2 drafts all got the same length: {policy.full_lengths}"
     assert tv < bound, f"TV {tv:.4f} >= {bound:.4f} (null mean + 4 sigma: false-failure probability < 1e-4)"
 
@@ -363,7 +418,7 @@ def test_scheduled_policy_plans_no_drafts_while_its_gate_is_closed():
     cost = CostTable.gpu_shaped(knee=16, base_ms=10.0, ms_per_token=1.0)
     policy = build_policy("scheduled", 4, cost)
     policy.acceptance.update([4] * 50, [0] * 50)
-    requests = [type("R", (), {"max_tokens": 4})() for _ in range(3)]
+    requests = [type("R", (), {"max_tokens": 4, "uid": None})() for _ in range(3)]
     assert policy.plan(requests, 0.02) == [0, 0, 0]
     assert build_policy("scheduled", 4, cost, draft_gate=False).plan(requests, 0.02) == [4, 4, 4]
 
@@ -382,12 +437,30 @@ def test_cost_table_interpolates_time_per_step():
     assert gpu.time_at(84) == pytest.approx(0.03) and gpu.time_at(10_000) > gpu.time_at(1000)
 
 
+def test_cost_table_curves_per_request_count():
+    # R = 1: 10 ms at B = 1, 20 ms at B = 3; R = 4: 40 ms at B = 4, 60 ms at B = 12 (per-row cost)
+    cost = CostTable((1, 16), (100.0, 10.0), by_rows=((4, table({4: 25.0, 12: 1000 / 60})), (1, table({1: 100.0, 3: 50.0}))))
+    assert [r for r, _ in cost.by_rows] == [1, 4]
+    assert cost.time_at(8) == pytest.approx(0.01 + 7 / 15 * 0.09)  # no R: the B-only curve
+    assert cost.time_at(8, rows=4) == pytest.approx(0.05) and cost.sps_at(4, rows=4) == pytest.approx(25.0)
+    assert cost.time_at(2, rows=1) == pytest.approx(0.015)
+    # R = 2, 2 tokens per row: R = 1 read at B = 2 (15 ms), R = 4 at B = 8 (50 ms), 1/3 of the way
+    assert cost.time_at(4, rows=2) == pytest.approx(0.015 + (0.05 - 0.015) / 3)
+    assert cost.time_at(16, rows=8) == pytest.approx(0.05 * 2)  # beyond the largest R: scaled by R
+    assert table({1: 10.0}).time_at(5, rows=3) == 0.1  # no curves: rows are ignored
+    with pytest.raises(DSparkError, match="row counts >= 1"):
+        CostTable((1,), (1.0,), by_rows=((0, table({1: 1.0})),))
+
+
 def test_cost_table_round_trips_through_a_file(tmp_path):
     cost = CostTable((1, 8, 64), (50.0, 48.5, 20.25), {"device": "cpu", "context": 256})
     cost.save(tmp_path / "sps.json")
     loaded = CostTable.load(tmp_path / "sps.json")
     assert loaded == cost and loaded.meta == cost.meta
     assert [p.name for p in tmp_path.iterdir()] == ["sps.json"]  # no temporary left behind
+    shaped = CostTable((1, 8), (50.0, 40.0), {"context": 256}, by_rows=((2, table({2: 45.0, 6: 30.0})),))
+    shaped.save(tmp_path / "shaped.json")
+    assert CostTable.load(tmp_path / "shaped.json").by_rows == shaped.by_rows
     sglang = {"sample_batch_tokens": [1, 16], "sample_steps_per_sec": [40.0, 30.0], "max_batch_tokens": 16}
     assert CostTable.from_json(sglang).sps == (40.0, 30.0)
 
@@ -401,6 +474,9 @@ def test_cost_table_round_trips_through_a_file(tmp_path):
     ('{"format": "dspark-cost-table", "version": 1, "tokens": [1, 2.5], "sps": [1.0, 2.0]}', "2.5"),
     ('{"format": "dspark-cost-table", "version": 1, "tokens": [1, 2], "sps": [1.0]}', "2 token counts and 1"),
     ('{"format": "dspark-cost-table", "version": 1, "tokens": "1,2", "sps": [1.0]}', "'tokens' must be a list"),
+    ('{"format": "dspark-cost-table", "version": 1, "tokens": [1], "sps": [1.0], "by_rows": {"x": {}}}', "'x'"),
+    ('{"format": "dspark-cost-table", "version": 1, "tokens": [1], "sps": [1.0], "by_rows": {"2": {"tokens": [2], '
+     '"sps": [0]}}}', r"by_rows\[2\].*> 0, got 0"),
     ("[1, 2]", "expected a JSON object"),
 ])
 def test_malformed_cost_tables_are_refused_with_the_bad_value(tmp_path, content, message):
@@ -417,8 +493,10 @@ def test_missing_cost_table_file_is_named(tmp_path):
 def test_profile_target_on_a_tiny_model(qwen3_target):
     assert even_rows(10, 3) == [4, 3, 3] and even_rows(1, 8) == [1]
     cost = profile_target(qwen3_target, batch_tokens=(8, 1, 3), context=16, repeats=1, warmup=1, block_size=3,
-                          drafter=make("dspark-vanilla", qwen3_target), drafter_requests=(1, 2))
+                          drafter=make("dspark-vanilla", qwen3_target), drafter_requests=(1, 2), rows=(3, 1))
     assert cost.tokens == (1, 3, 8) and all(s > 0 for s in cost.sps)
+    assert [(r, curve.tokens) for r, curve in cost.by_rows] == [(1, (1, 2, 3, 4)), (3, (3, 6, 9, 12))]
+    assert cost.meta["request_counts"] == [1, 3] and "3x4" in cost.meta["seconds_min_max"]
     assert cost.meta["context"] == 16 and cost.meta["rows"]["8"] == [4, 4]
     assert set(cost.meta["drafter_propose_s"]) == {"1", "2"} and cost.meta["target_fingerprint"]
     with pytest.raises(DSparkError, match="exceed the target's context"):

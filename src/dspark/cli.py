@@ -495,6 +495,8 @@ def add_profile_parser(sub) -> None:
     p.add_argument("--drafter", help="also time one propose of this drafter (stored in the table's meta)")
     p.add_argument("--draft-model", help="model spec for --drafter draft-model")
     p.add_argument("--tokens", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64], help="verify batch sizes B (tokens)")
+    p.add_argument("--requests", type=_int_list, default=[1, 2, 4, 8, 16],
+                   help="request counts R that get their own curve, R rows of 1..K+1 tokens (the engine's shape)")
     p.add_argument("--context", type=_non_negative_int, default=256, help="cached tokens per request")
     p.add_argument("--block-size", type=_non_negative_int, default=8, help="rows hold at most K+1 tokens")
     p.add_argument("--repeats", type=_positive_int, default=5)
@@ -511,10 +513,12 @@ def run_profile(args) -> int:
     target = load_model(args.target, args.dtype)
     drafter = build_drafter(args.drafter, target, args.draft_model, args.dtype) if args.drafter else None
     cost = profile_target(target, batch_tokens=args.tokens, context=args.context, repeats=args.repeats,
-                          block_size=args.block_size, drafter=drafter)
+                          block_size=args.block_size, drafter=drafter, rows=args.requests)
     cost.save(args.out)
     for b, sps in zip(cost.tokens, cost.sps):
         print(f"B={b:5d}  {sps:9.2f} steps/s  {1000 / sps:8.2f} ms/step")
+    for r, curve in cost.by_rows:
+        print(f"R={r:3d}  " + "  ".join(f"B={b}: {1000 / s:.1f} ms" for b, s in zip(curve.tokens, curve.sps)))
     return 0
 
 

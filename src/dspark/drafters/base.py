@@ -26,6 +26,9 @@ class DraftRequest:
     max_tokens: int  # propose at most this many (0 allowed)
     params: SamplingParams
     generator: torch.Generator
+    # Identifies the request across rounds (unique among the engine's requests; None: unknown), so
+    # a policy can keep per-request statistics although slots are reused.
+    uid: int | None = None
 
 
 @dataclass

@@ -9,6 +9,13 @@ Between profiled points the *time per step* (1 / SPS) is interpolated linearly, 
 time, not its inverse, is what grows roughly piecewise linearly with B. Below the first point the
 first value holds; beyond the last point time is extrapolated along the last two points, with a
 slope of at least zero so that time never decreases (and so never reaches zero) past the data.
+
+B alone does not fix the cost: R requests of one token each cost more than one request of R tokens
+(every row attends over its own context). A table may therefore also hold one curve per number of
+requests R (`by_rows`, measured in the engine's own shape: R rows of 1 + e tokens), and a lookup
+that knows R uses them: at R between two profiled counts, the two curves are read at the same
+tokens per row and interpolated linearly in R; beyond the largest, that curve is scaled by R.
+Without `by_rows` (e.g. SGLang's flat `sps.json`), or without R, the B-only curve is used.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ class CostTable:
     tokens: tuple[int, ...]
     sps: tuple[float, ...]
     meta: dict = field(default_factory=dict, compare=False)  # device, target, dtype, context, ...
+    # ((R, table of B -> sps measured with R rows), ...) in increasing R; empty: B-only.
+    by_rows: tuple[tuple[int, CostTable], ...] = ()
 
     def __post_init__(self) -> None:
         tokens, sps = tuple(self.tokens), tuple(self.sps)
@@ -53,10 +62,18 @@ class CostTable:
         object.__setattr__(self, "tokens", tokens)
         object.__setattr__(self, "sps", tuple(float(s) for s in sps))
         object.__setattr__(self, "meta", dict(self.meta))
+        by_rows = tuple(sorted((int(r), t) for r, t in dict(self.by_rows).items()))
+        for r, t in by_rows:
+            if r < 1 or not isinstance(t, CostTable) or t.by_rows:
+                raise DSparkError(f"cost table by_rows needs row counts >= 1 with plain tables, got {r!r}")
+        object.__setattr__(self, "by_rows", by_rows)
 
     # ------------------------------------------------------------------------------------ lookups
-    def time_at(self, tokens: float) -> float:
-        """Seconds per verification step with `tokens` tokens in the batch (always > 0)."""
+    def time_at(self, tokens: float, rows: int | None = None) -> float:
+        """Seconds per verification step with `tokens` tokens in the batch over `rows` requests
+        (always > 0); rows=None, or a table without per-row curves, reads the B-only curve."""
+        if rows is not None and self.by_rows:
+            return self._time_with_rows(tokens, rows)
         xs, sps = self.tokens, self.sps
         if tokens <= xs[0]:
             return 1.0 / sps[0]
@@ -69,8 +86,26 @@ class CostTable:
         w = (tokens - xs[i - 1]) / (xs[i] - xs[i - 1])
         return (1.0 - w) / sps[i - 1] + w / sps[i]
 
-    def sps_at(self, tokens: float) -> float:
-        """Steps per second SPS(B); exactly the stored value at a profiled point."""
+    def _time_with_rows(self, tokens: float, rows: int) -> float:
+        per_row = tokens / rows
+        counts = [r for r, _ in self.by_rows]
+        i = bisect_right(counts, rows)  # counts[i - 1] <= rows < counts[i]
+        if i == 0:
+            return self.by_rows[0][1].time_at(per_row * counts[0])
+        r1, t1 = self.by_rows[i - 1]
+        if r1 == rows:
+            return t1.time_at(tokens)
+        if i == len(counts):
+            return t1.time_at(per_row * r1) * rows / r1
+        r2, t2 = self.by_rows[i]
+        w = (rows - r1) / (r2 - r1)
+        return (1.0 - w) * t1.time_at(per_row * r1) + w * t2.time_at(per_row * r2)
+
+    def sps_at(self, tokens: float, rows: int | None = None) -> float:
+        """Steps per second SPS(B) (over `rows` requests when the table has per-row curves);
+        exactly the stored value at a profiled point."""
+        if rows is not None and self.by_rows:
+            return 1.0 / self._time_with_rows(tokens, rows)
         i = bisect_right(self.tokens, tokens) - 1
         if i >= 0 and self.tokens[i] == tokens:
             return self.sps[i]
@@ -101,8 +136,11 @@ class CostTable:
 
     # --------------------------------------------------------------------------------------- I/O
     def to_json(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, "tokens": list(self.tokens), "sps": list(self.sps),
-                "meta": self.meta}
+        out = {"format": FORMAT, "version": VERSION, "tokens": list(self.tokens), "sps": list(self.sps),
+               "meta": self.meta}
+        if self.by_rows:
+            out["by_rows"] = {str(r): {"tokens": list(t.tokens), "sps": list(t.sps)} for r, t in self.by_rows}
+        return out
 
     @classmethod
     def from_json(cls, data: object, source: str = "cost table") -> CostTable:
@@ -123,8 +161,16 @@ class CostTable:
                 raise DSparkError(f"{source}: '{key}' must be a list, got {value!r}")
         if not isinstance(meta, dict):
             raise DSparkError(f"{source}: 'meta' must be an object, got {meta!r}")
+        by_rows = data.get("by_rows", {})
+        if not isinstance(by_rows, dict):
+            raise DSparkError(f"{source}: 'by_rows' must be an object, got {by_rows!r}")
         try:
-            return cls(tuple(tokens), tuple(sps), meta)
+            curves = {}
+            for r, curve in by_rows.items():
+                if not (isinstance(r, str) and r.isdigit()) or not isinstance(curve, dict):
+                    raise DSparkError(f"'by_rows' needs row counts mapped to {{tokens, sps}}, got {r!r}: {curve!r}")
+                curves[int(r)] = cls.from_json({"format": FORMAT, "version": VERSION, **curve}, f"by_rows[{r}]")
+            return cls(tuple(tokens), tuple(sps), meta, tuple(curves.items()))
         except DSparkError as err:
             raise DSparkError(f"{source}: {err}") from None
 

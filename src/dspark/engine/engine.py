@@ -114,6 +114,7 @@ class _Running:
     generator: torch.Generator
     stats: RequestStats
     started: float
+    uid: int = 0  # admission counter: unique for the engine's lifetime
     finish_reason: str | None = None
 
     @property
@@ -149,6 +150,7 @@ class Engine:
         self.running: dict[int, _Running] = {}  # slot -> request
         self.timings = EngineTimings()
         self._draft_s: float | None = None  # moving average of a drafting round's time
+        self._admitted = 0  # requests admitted so far (their uids)
 
     # ----------------------------------------------------------------------------------- requests
     def add_request(self, request: Request) -> None:
@@ -212,7 +214,9 @@ class Engine:
             request = self.waiting.popleft()
             generator = make_generator(request.sampling.seed)  # before taking a slot: nothing to undo
             slot = self.cache.allocate()
-            state = _Running(request, slot, list(request.prompt_ids), generator, RequestStats(), time.perf_counter())
+            state = _Running(request, slot, list(request.prompt_ids), generator, RequestStats(), time.perf_counter(),
+                             uid=self._admitted)
+            self._admitted += 1
             self.running[slot] = state
             admitted.append(state)
         if not admitted:
@@ -245,7 +249,7 @@ class Engine:
         t_round = time.perf_counter()
         states = [self.running[slot] for slot in sorted(self.running)]
         requests = [
-            DraftRequest(s.slot, s.tokens, self._max_drafts(s), s.request.sampling, s.generator) for s in states
+            DraftRequest(s.slot, s.tokens, self._max_drafts(s), s.request.sampling, s.generator, s.uid) for s in states
         ]
         plan = getattr(policy, "plan", None)
         if plan is not None:  # the policy may cap drafting before it happens (past information only)
@@ -272,7 +276,7 @@ class Engine:
         t0 = time.perf_counter()
         out = self.target.model(
             ids, positions, torch.tensor([s.slot for s in states]), self.cache,
-            hidden_layers=self.drafter.feature_layers,
+            num_new=torch.tensor([1 + n for n in lengths]), hidden_layers=self.drafter.feature_layers,
         )
         self.timings.target_forward_s += time.perf_counter() - t0
         self.timings.verified_tokens += len(states) + sum(lengths)

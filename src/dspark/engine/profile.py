@@ -2,9 +2,11 @@
 
 A verify forward of B tokens is what the engine runs each round: ragged rows of 1 + l_r tokens
 (at most block_size + 1), one per request, each over its own cached context. We time exactly that
-call — `target.model(ids, positions, slots, cache, hidden_layers=...)` on a cache from
+call — `target.model(ids, positions, slots, cache, num_new=..., hidden_layers=...)` on a cache from
 `target.build_cache` — with rows of `context` cached tokens, after a warm-up, and keep the median
-of a few repeats. The optional drafter cost (one `propose` for R requests) goes into `meta`.
+of a few repeats. The B-only curve packs B tokens into the fewest rows; with `rows`, each request
+count R also gets its own curve in the engine's shape, R rows of 1 + e tokens for e = 0..block_size
+(`CostTable.by_rows`). The optional drafter cost (one `propose` for R requests) goes into `meta`.
 """
 
 from __future__ import annotations
@@ -71,12 +73,14 @@ def profile_target(
     drafter: Drafter | None = None,
     drafter_requests: Sequence[int] = (1,),
     seed: int = 0,
+    rows: Sequence[int] = (),
 ) -> CostTable:
     """SPS(B) for each B in `batch_tokens` (sorted, deduplicated); `rows_of(B)` gives the row
     lengths (default: `even_rows(B, block_size)`). `feature_layers` are the hidden layers the
     forward also returns, as the engine asks for them (default: the drafter's, else none). With a
     `drafter`, the median time of one propose for R requests is stored in
-    meta["drafter_propose_s"] for each R in `drafter_requests`."""
+    meta["drafter_propose_s"] for each R in `drafter_requests`. `rows`: request counts R that get
+    their own curve (see the module docstring)."""
     points = sorted({int(b) for b in batch_tokens})
     if not points or points[0] < 1:
         raise DSparkError(f"batch_tokens must be integers >= 1, got {list(batch_tokens)}")
@@ -85,16 +89,20 @@ def profile_target(
     rows_of = rows_of or (lambda b: even_rows(b, block_size))
     if feature_layers is None:
         feature_layers = tuple(drafter.feature_layers) if drafter is not None else ()
+    row_counts = sorted({int(r) for r in rows})
+    if row_counts and row_counts[0] < 1:
+        raise DSparkError(f"rows must be request counts >= 1, got {list(rows)}")
     layout = {b: rows_of(b) for b in points}
-    for b, rows in layout.items():
-        if sum(rows) != b or min(rows) < 1:
-            raise DSparkError(f"rows_of({b}) gave {rows}: row lengths must be >= 1 and add up to {b}")
-    width_max = max(max(rows) for rows in layout.values())
+    for b, lengths in layout.items():
+        if sum(lengths) != b or min(lengths) < 1:
+            raise DSparkError(f"rows_of({b}) gave {lengths}: row lengths must be >= 1 and add up to {b}")
+    shaped = {r: [[1 + e] * r for e in range(block_size + 1)] for r in row_counts}  # R rows of 1 + e tokens
+    width_max = max([max(lengths) for lengths in layout.values()] + [block_size + 1] * bool(row_counts))
     if context + width_max > target.max_position_embeddings:
         raise DSparkError(f"context {context} + rows of {width_max} tokens exceed the target's context "
                           f"{target.max_position_embeddings}")
     device = target.model.device
-    num_slots = max(len(rows) for rows in layout.values())
+    num_slots = max([len(lengths) for lengths in layout.values()] + row_counts)
     cache = target.build_cache(num_slots, context + width_max, headroom=width_max + 2)
     gen = torch.Generator().manual_seed(seed)
     for first in range(0, num_slots if context else 0, PREFILL_ROWS):  # real K/V in every slot's context
@@ -102,24 +110,31 @@ def profile_target(
         prompt = torch.randint(0, target.vocab_size, (len(slots), context), generator=gen).to(device)
         target.model(prompt, torch.arange(context, device=device).expand(len(slots), context), slots, cache,
                      last_only=True)
-    sps, spread = [], {}
-    for b in points:
-        rows = layout[b]
-        width = max(rows)  # the engine pads ragged rows to the widest one
-        ids = torch.randint(0, target.vocab_size, (len(rows), width), generator=gen).to(device)
-        positions = (context + torch.arange(width)).expand(len(rows), width).to(device)
-        slots = torch.arange(len(rows), device=device)
+    spread = {}
 
-        def forward(ids=ids, positions=positions, slots=slots):
-            return target.model(ids, positions, slots, cache, hidden_layers=feature_layers)
+    def steps_per_second(lengths: list[int], label: str) -> float:
+        width = max(lengths)  # rows padded to the widest one; only attention sees the padding
+        ids = torch.randint(0, target.vocab_size, (len(lengths), width), generator=gen).to(device)
+        positions = (context + torch.arange(width)).expand(len(lengths), width).to(device)
+        slots = torch.arange(len(lengths), device=device)
+        num_new = torch.tensor(lengths, device=device)
+
+        def forward():
+            return target.model(ids, positions, slots, cache, num_new=num_new, hidden_layers=feature_layers)
 
         times = _seconds(forward, repeats, warmup, device)
-        sps.append(1.0 / statistics.median(times))
-        spread[str(b)] = [min(times), max(times)]  # a wide spread means a busy machine: profile again
+        spread[label] = [min(times), max(times)]  # a wide spread means a busy machine: profile again
+        return 1.0 / statistics.median(times)
+
+    sps = [steps_per_second(layout[b], str(b)) for b in points]
+    by_rows = {r: CostTable(tuple(sum(lengths) for lengths in shapes),
+                            tuple(steps_per_second(lengths, f"{r}x{lengths[0]}") for lengths in shapes))
+               for r, shapes in shaped.items()}
     meta = {
         "device": _device_name(device), "torch": torch.__version__, "dtype": str(target.model.dtype).removeprefix("torch."),
         "target": target.spec, "target_fingerprint": target.fingerprint, "context": context,
         "block_size": block_size, "repeats": repeats, "rows": {str(b): layout[b] for b in points},
+        "request_counts": row_counts,
         "seconds_min_max": spread,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -127,7 +142,7 @@ def profile_target(
         meta["drafter"] = getattr(drafter, "name", type(drafter).__name__)
         meta["drafter_propose_s"] = profile_drafter(target, drafter, drafter_requests, context, block_size,
                                                     repeats, warmup, seed)
-    return CostTable(tuple(points), tuple(sps), meta)
+    return CostTable(tuple(points), tuple(sps), meta, tuple(by_rows.items()))
 
 
 @torch.inference_mode()

@@ -99,11 +99,11 @@ def _greedy_path(candidates: Sequence[tuple[float, int, int]], num_rows: int, co
     the same inequality rearranged so that a tiny a is not rounded away against a large tau (with
     a flat table every a > 0 must be admitted, however many requests there are).
     """
-    best_tau, best_sps, best_n = float(num_rows), cost.sps_at(num_rows), 0  # B = R, tau* = R
+    best_tau, best_sps, best_n = float(num_rows), cost.sps_at(num_rows, num_rows), 0  # B = R, tau* = R
     gain = 0.0  # tau - tau_best: survival admitted since the best prefix
     for n, (a, _, _) in enumerate(candidates, 1):
         gain += a
-        sps = cost.sps_at(num_rows + n)
+        sps = cost.sps_at(num_rows + n, num_rows)
         if gain * sps > best_tau * (best_sps - sps):  # Theta > Theta_best
             best_tau, best_sps, best_n, gain = best_tau + gain, sps, n, 0.0
         elif early_stop:
@@ -150,54 +150,87 @@ def top_k_lengths(confidences: Confidences, max_lengths: Sequence[int], budget: 
 # ------------------------------------------------------------------------ online acceptance prior
 class OnlineAcceptance:
     """Per-position conditional acceptance learned from past rounds, for drafters that give no
-    confidences (n-gram, DFlash, Eagle3, draft models).
+    confidences (n-gram, DFlash, Eagle3, draft models), and for the draft gate.
 
-    c_j = posterior mean of P(draft j accepted | drafts < j accepted) under a Beta(alpha, beta)
-    prior (default Beta(1, 1): 0.5 before any evidence), pooled over requests. Lossless: a round's
-    estimates depend only on earlier rounds' outcomes, never on this round's drafts. Caveat: a
-    position that is never verified keeps its prior, so a steep cost table with a pessimistic prior
-    can stop learning; the prior is the stated default of ENGINE-NOTES.
+    Pooled over requests, c_j is the posterior mean of P(draft j accepted | drafts < j accepted)
+    under a Beta(alpha, beta) prior (default Beta(1, 1): 0.5 before any evidence). Old evidence
+    fades: each round that verified something first multiplies the pooled counts by `decay`, so the
+    estimates follow the traffic (effective memory ~1 / (1 - decay) rounds). Each request also keeps
+    its own counts, shrunk towards the pooled estimate with the weight of `request_prior` trials:
+    c_{r,j} = (accepts_{r,j} + m p_j) / (trials_{r,j} + m). Requests differ far more than positions
+    do (a prompt to copy from makes n-gram drafts good, free text makes them useless), and the
+    scheduler can then verify the requests worth it. Lossless: a round's estimates depend only on
+    earlier rounds' outcomes, never on this round's drafts. A position that is never verified keeps
+    what it had; the draft gate's probes verify at least one draft per request so that it cannot
+    stay pessimistic for ever.
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0):
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, decay: float = 0.99, request_prior: float = 4.0):
         if alpha <= 0 or beta <= 0:
             raise DSparkError(f"Beta prior needs alpha > 0 and beta > 0, got {alpha}, {beta}")
-        self.alpha, self.beta = alpha, beta
-        self.trials: list[int] = []  # rounds where draft j was verified and drafts < j accepted
-        self.accepts: list[int] = []  # of those, rounds where draft j was accepted
+        if not 0.0 < decay <= 1.0:
+            raise DSparkError(f"acceptance decay must be in (0, 1], got {decay}")
+        if request_prior <= 0:
+            raise DSparkError(f"request_prior must be > 0 (trials' worth of the pooled estimate), got {request_prior}")
+        self.alpha, self.beta, self.decay, self.request_prior = alpha, beta, decay, request_prior
+        self.trials: list[float] = []  # rounds where draft j was verified and drafts < j accepted (decayed)
+        self.accepts: list[float] = []  # of those, rounds where draft j was accepted (decayed)
+        self.requests: dict[object, tuple[list[int], list[int]]] = {}  # request key -> (trials, accepts)
 
-    def estimate(self, length: int) -> list[float]:
+    def estimate(self, length: int, key: object = None) -> list[float]:
+        """Estimates for positions 1..length: pooled, or request `key`'s when it has history."""
+        own = self.requests.get(key) if key is not None else None
         out = []
         for j in range(length):
-            n, s = (self.trials[j], self.accepts[j]) if j < len(self.trials) else (0, 0)
-            out.append((s + self.alpha) / (n + self.alpha + self.beta))
+            n, s = (self.trials[j], self.accepts[j]) if j < len(self.trials) else (0.0, 0.0)
+            p = (s + self.alpha) / (n + self.alpha + self.beta)
+            if own is not None and j < len(own[0]):
+                p = (own[1][j] + self.request_prior * p) / (own[0][j] + self.request_prior)
+            out.append(p)
         return out
 
-    def fill(self, confidences: Sequence[Sequence[float] | None], max_lengths: Sequence[int]) -> list[list[float]]:
+    def fill(self, confidences: Sequence[Sequence[float] | None], max_lengths: Sequence[int],
+             keys: Sequence[object] | None = None) -> list[list[float]]:
         """The drafter's confidences where given, the online estimates elsewhere."""
-        return [list(c) if c is not None else self.estimate(m) for c, m in zip(confidences, max_lengths)]
+        keys = keys if keys is not None else [None] * len(max_lengths)
+        return [list(c) if c is not None else self.estimate(m, k) for c, m, k in zip(confidences, max_lengths, keys)]
 
-    def update(self, lengths: Sequence[int], num_accepted: Sequence[int]) -> None:
-        for length, a in zip(lengths, num_accepted):
+    def update(self, lengths: Sequence[int], num_accepted: Sequence[int], keys: Sequence[object] | None = None) -> None:
+        """Record a round. With `keys`, requests absent from it have finished and are forgotten."""
+        if keys is not None:
+            live = set(keys)
+            for gone in [k for k in self.requests if k not in live]:
+                del self.requests[gone]
+        if any(length > 0 for length in lengths) and self.decay < 1.0:
+            self.trials = [n * self.decay for n in self.trials]
+            self.accepts = [s * self.decay for s in self.accepts]
+        for row, (length, a) in enumerate(zip(lengths, num_accepted)):
             tried = min(length, a + 1)  # drafts 1..a accepted, draft a+1 (if verified) rejected
-            if tried > len(self.trials):
-                self.trials.extend([0] * (tried - len(self.trials)))
-                self.accepts.extend([0] * (tried - len(self.accepts)))
-            for j in range(tried):
-                self.trials[j] += 1
-                self.accepts[j] += int(j < a)
+            if tried == 0:
+                continue
+            counts = [(self.trials, self.accepts)]
+            if keys is not None:
+                counts.append(self.requests.setdefault(keys[row], ([], [])))
+            for trials, accepts in counts:
+                if tried > len(trials):
+                    trials.extend([0] * (tried - len(trials)))
+                    accepts.extend([0] * (tried - len(accepts)))
+                for j in range(tried):
+                    trials[j] += 1
+                    accepts[j] += int(j < a)
 
 
 def proposal_inputs(requests: Sequence[DraftRequest], proposals: Sequence[Proposal]):
-    """(confidences or None per row, cap per row) from one engine round."""
+    """(confidences or None per row, cap per row, request key per row) from one engine round."""
     confidences = [p.confidences.tolist() if p.confidences is not None else None for p in proposals]
     caps = [min(len(p), r.max_tokens) for r, p in zip(requests, proposals)]
-    return confidences, caps
+    return confidences, caps, [r.uid for r in requests]
 
 
 # ------------------------------------------------------------------------------------ adapters
-# Each adapter: decide(confidences, caps) -> lengths on plain lists (the simulator calls it),
-# record(lengths, num_accepted) after verification, __call__/observe for the engine, last_budget.
+# Each adapter: decide(confidences, caps, keys=None) -> lengths on plain lists (the simulator calls
+# it; keys identify requests across rounds), record(lengths, num_accepted, keys=None) after
+# verification, __call__/observe for the engine, last_budget.
 class NonePolicy:
     """Verify nothing: every round commits one target token, i.e. plain decoding, through the same engine."""
 
@@ -206,7 +239,7 @@ class NonePolicy:
     def __init__(self):
         self.last_budget = 0
 
-    def decide(self, confidences, max_lengths) -> list[int]:
+    def decide(self, confidences, max_lengths, keys=None) -> list[int]:
         return [0] * len(max_lengths)
 
     def __call__(self, requests, proposals) -> list[int]:
@@ -220,7 +253,7 @@ class FixedPolicy:
         fixed_lengths([], k)  # validates k
         self.k, self.name, self.last_budget = k, f"fixed:{k}", 0
 
-    def decide(self, confidences, max_lengths) -> list[int]:
+    def decide(self, confidences, max_lengths, keys=None) -> list[int]:
         lengths = fixed_lengths(max_lengths, self.k)
         self.last_budget = sum(lengths)
         return lengths
@@ -239,8 +272,10 @@ class DraftGate:
     per-position acceptance of past rounds, (R + expected accepted) / (t(B) + draft time), where
     the draft time is what the engine measured on recent rounds. Closed, it still lets a round
     draft after `probe_every` closed rounds, so the estimates follow the traffic; each probe that
-    finds it still closed doubles the wait (up to `max_probe_every`). Lossless: it uses past rounds
-    only and only lowers how many tokens a drafter may propose.
+    finds it still closed doubles the wait (up to `max_probe_every`), and a probe round verifies at
+    least one draft of every request (`probing`), or pessimistic estimates could never be revised.
+    Lossless: it uses past rounds only, only lowers how many tokens a drafter may propose, and a
+    probe's forced length is fixed before anything is drafted.
     """
 
     def __init__(self, cost: CostTable, acceptance: OnlineAcceptance, probe_every: int = 16,
@@ -251,19 +286,23 @@ class DraftGate:
         self.probe_every, self.max_probe_every, self.wait = probe_every, max_probe_every, probe_every
         self.closed_rounds = 0
         self.is_open = True
+        self.probing = False  # this round drafts only because a probe is due
 
-    def allow(self, max_lengths: Sequence[int], draft_seconds: float | None) -> bool:
+    def allow(self, max_lengths: Sequence[int], draft_seconds: float | None,
+              keys: Sequence[object] | None = None) -> bool:
         rows = len(max_lengths)
+        self.probing = False
         if draft_seconds is None or rows == 0 or max(max_lengths) == 0:
             return True
         # Algorithm 1's admission on the estimates: the admitted candidates' survivals are the
         # expected accepted drafts, their count the verified ones.
-        candidates = _candidates([self.acceptance.estimate(m) for m in max_lengths], max_lengths)
+        keys = keys if keys is not None else [None] * rows
+        candidates = _candidates([self.acceptance.estimate(m, k) for m, k in zip(max_lengths, keys)], max_lengths)
         admitted = candidates[: _greedy_path(candidates, rows, self.cost, early_stop=True)]
         expected = sum(a for a, _, _ in admitted)
-        speculative = (rows + expected) / (self.cost.time_at(rows + len(admitted)) + draft_seconds)
+        speculative = (rows + expected) / (self.cost.time_at(rows + len(admitted), rows) + draft_seconds)
         was_probing = self.closed_rounds == 0 and not self.is_open
-        self.is_open = speculative > rows / self.cost.time_at(rows)
+        self.is_open = speculative > rows / self.cost.time_at(rows, rows)
         if self.is_open:
             self.closed_rounds, self.wait = 0, self.probe_every
             return True
@@ -271,7 +310,7 @@ class DraftGate:
             self.wait = min(2 * self.wait, self.max_probe_every)
         self.closed_rounds += 1
         if self.closed_rounds >= self.wait:
-            self.closed_rounds = 0
+            self.closed_rounds, self.probing = 0, True
             return True
         return False
 
@@ -291,23 +330,25 @@ class EstimatedPolicy:
     def plan(self, requests: Sequence[DraftRequest], draft_seconds: float | None) -> list[int]:
         """Most tokens each request may draft this round (all of them unless the gate is closed)."""
         caps = [r.max_tokens for r in requests]
-        if self.gate is None or self.gate.allow(caps, draft_seconds):
+        if self.gate is None or self.gate.allow(caps, draft_seconds, [r.uid for r in requests]):
             return caps
         return [0] * len(caps)
 
-    def decide(self, confidences, max_lengths) -> list[int]:
-        lengths = self.rule(self.acceptance.fill(confidences, max_lengths), max_lengths)
+    def decide(self, confidences, max_lengths, keys=None) -> list[int]:
+        lengths = self.rule(self.acceptance.fill(confidences, max_lengths, keys), max_lengths)
+        if self.gate is not None and self.gate.probing:  # explore: the probe's point is to learn
+            lengths = [max(n, min(1, cap)) for n, cap in zip(lengths, max_lengths)]
         self.last_budget = sum(lengths)
         return lengths
 
-    def record(self, lengths, num_accepted) -> None:
-        self.acceptance.update(lengths, num_accepted)
+    def record(self, lengths, num_accepted, keys=None) -> None:
+        self.acceptance.update(lengths, num_accepted, keys)
 
     def __call__(self, requests, proposals) -> list[int]:
         return self.decide(*proposal_inputs(requests, proposals))
 
     def observe(self, requests, lengths, num_accepted) -> None:
-        self.record(lengths, num_accepted)
+        self.record(lengths, num_accepted, [r.uid for r in requests])
 
 
 def ThresholdPolicy(threshold: float, prior: OnlineAcceptance | None = None) -> EstimatedPolicy:  # noqa: N802

@@ -161,7 +161,8 @@ def simulate(
 ) -> list[SimulationResult]:
     """One result per (policy, concurrency). `policies` are `build_policy` specs (block size = the
     longest proposal in the trace) or name -> zero-argument factory of a fresh policy object with
-    `decide(confidences, caps)` (and optionally `record(lengths, num_accepted)`)."""
+    `decide(confidences, caps, keys)` (and optionally `record(lengths, num_accepted, keys)`; keys
+    identify request lifetimes)."""
     rounds = load_trace(trace)
     if steps < 1 or rounds_per_request < 1 or any(c < 1 for c in concurrencies):
         raise DSparkError(f"steps, rounds_per_request and concurrencies must be >= 1, got {steps}, "
@@ -181,23 +182,27 @@ def simulate(
 
 def _run(name: str, policy, source: _Source, cost: CostTable, concurrency: int, steps: int) -> SimulationResult:
     active = [source.draw() for _ in range(concurrency)]
+    keys = list(range(concurrency))  # one per request lifetime, for per-request statistics
+    next_key = concurrency
     record = getattr(policy, "record", None)
     seconds = committed = verified = 0.0
     for _ in range(steps):
         current = [lifetime.pop(0) for lifetime in active]
         confidences = [r.confidences for r in current]
         caps = [r.proposed for r in current]
-        lengths = list(policy.decide(confidences, caps))
+        lengths = list(policy.decide(confidences, caps, keys))
         assert all(0 <= n <= c for n, c in zip(lengths, caps)), (name, lengths, caps)
         accepted = [min(r.accepted, n) for r, n in zip(current, lengths)]
         if record is not None:
-            record(lengths, accepted)
-        seconds += cost.time_at(concurrency + sum(lengths))
+            record(lengths, accepted, keys)
+        seconds += cost.time_at(concurrency + sum(lengths), concurrency)
         committed += sum(accepted) + concurrency
         verified += sum(lengths)
-        active = [lifetime if lifetime else source.draw() for lifetime in active]
+        for i, lifetime in enumerate(active):
+            if not lifetime:
+                active[i], keys[i], next_key = source.draw(), next_key, next_key + 1
     rate = committed / seconds
-    plain = concurrency * cost.sps_at(concurrency)
+    plain = concurrency * cost.sps_at(concurrency, concurrency)
     rounds = steps * concurrency
     return SimulationResult(name, concurrency, rate, rate / concurrency, verified / rounds, committed / rounds,
                             rate / plain, steps)

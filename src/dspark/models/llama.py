@@ -178,15 +178,17 @@ class Attention(nn.Module):
             self.qkv_bias = _fuse(linears, "bias")
 
     def forward(self, x: torch.Tensor, ctx: "ForwardContext", cache: KVCache) -> torch.Tensor:
-        bsz, n, _ = x.shape
+        # x is [B, N, hidden], or [T, hidden] with only the real tokens when ctx.pack is set: the
+        # projections then skip the padding, and only attention sees the padded [B, N] grid.
+        bsz, n = ctx.positions.shape
         heads, kv_heads = self.num_heads, self.num_kv_heads
         if self.qkv_weight is not None:
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(bsz, n, heads + 2 * kv_heads, self.head_dim)
+            qkv = ctx.unpack(F.linear(x, self.qkv_weight, self.qkv_bias)).view(bsz, n, heads + 2 * kv_heads, self.head_dim)
             q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
         else:
-            q = self.q_proj(x).view(bsz, n, heads, self.head_dim)
-            k = self.k_proj(x).view(bsz, n, kv_heads, self.head_dim)
-            v = self.v_proj(x).view(bsz, n, kv_heads, self.head_dim)
+            q = ctx.unpack(self.q_proj(x)).view(bsz, n, heads, self.head_dim)
+            k = ctx.unpack(self.k_proj(x)).view(bsz, n, kv_heads, self.head_dim)
+            v = ctx.unpack(self.v_proj(x)).view(bsz, n, kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.qkv_weight is not None and self.q_norm is None:  # rotate q and k in one pass
@@ -215,7 +217,15 @@ class Attention(nn.Module):
             out = grouped_attention(q, k_all, v_all, mask)
         else:
             out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=kv_heads != heads)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, n, heads * self.head_dim))
+        return self.o_proj(ctx.pack_rows(out.transpose(1, 2).reshape(bsz, n, heads * self.head_dim)))
+
+
+def _pack_index(num_new: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Flat [B * N] indices of the first num_new[b] tokens of each row; None when no row is short."""
+    if num_new is None or int(num_new.min()) >= n:
+        return None
+    real = torch.arange(n, device=num_new.device)[None, :] < num_new[:, None]
+    return real.flatten().nonzero().squeeze(1)
 
 
 def _fuse(linears: tuple[nn.Linear, ...], attr: str) -> torch.Tensor:
@@ -277,6 +287,20 @@ class ForwardContext:
     cos: torch.Tensor  # [B, 1, N, D]
     sin: torch.Tensor  # [B, 1, N, D]
     masks: list[torch.Tensor | None]  # per layer: [B, 1, N, num_keys] bool, or None (all visible)
+    # Flat indices into the [B * N] grid of the real tokens when rows are ragged (num_new), else None.
+    pack: torch.Tensor | None = None
+
+    def pack_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, N, ...] -> [T, ...] real tokens only (unchanged when nothing is packed)."""
+        return t if self.pack is None else t.reshape(-1, *t.shape[2:]).index_select(0, self.pack)
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        """[T, ...] real tokens -> [B, N, ...] with zeros in the padding (unchanged when nothing is packed)."""
+        if self.pack is None:
+            return t
+        bsz, n = self.positions.shape
+        full = t.new_zeros(bsz * n, *t.shape[1:])
+        return full.index_copy_(0, self.pack, t).view(bsz, n, *t.shape[1:])
 
 
 @dataclass
@@ -317,9 +341,9 @@ class Transformer(nn.Module):
         return self.model.embed_tokens.weight.device
 
     def build_context(
-        self, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache
+        self, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, num_new: torch.Tensor | None = None
     ) -> ForwardContext:
-        """positions [B, N] (row b's N new tokens), slots [B]."""
+        """positions [B, N] (row b's N new tokens), slots [B]; num_new [B] real tokens per row."""
         num_keys = int(positions.max()) + 1
         cos, sin = rope_tables(positions, self.inv_freq, self.rope_scale, self.dtype)
         slot_list = slots.tolist()
@@ -344,6 +368,7 @@ class Transformer(nn.Module):
             cos=cos,
             sin=sin,
             masks=[masks_by_window[w] for w in self.args.sliding_windows],
+            pack=_pack_index(None if num_new is None else num_new.to(positions.device), positions.shape[1]),
         )
 
     def forward(
@@ -365,8 +390,9 @@ class Transformer(nn.Module):
         row's last real token only. Without `compute_logits`, the final normed hidden states are
         returned instead of logits (training recomputes target logits in chunks from them).
         """
-        ctx = self.build_context(positions, slots, cache)
-        x = self.model.embed_tokens(input_ids)
+        ctx = self.build_context(positions, slots, cache, num_new)
+        # Ragged rows (num_new): every per-token layer runs on the real tokens only (packed).
+        x = self.model.embed_tokens(ctx.pack_rows(input_ids))
         wanted = set(hidden_layers)
         captured: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.model.layers):
@@ -374,11 +400,17 @@ class Transformer(nn.Module):
             if i in wanted:
                 captured[i] = x
         x = self.model.norm(x)
+        bsz, n = input_ids.shape
         if last_only:
-            bsz, n = input_ids.shape
-            last = (num_new - 1) if num_new is not None else torch.full((bsz,), n - 1)
-            x = x[torch.arange(bsz), last][:, None]
-        hidden = torch.cat([captured[i] for i in hidden_layers], dim=-1) if hidden_layers else None
+            if ctx.pack is not None:
+                x = x[torch.cumsum(num_new.to(x.device), 0) - 1][:, None]
+            else:
+                last = (num_new - 1) if num_new is not None else torch.full((bsz,), n - 1)
+                x = x[torch.arange(bsz), last][:, None]
+        elif not compute_logits:
+            x = ctx.unpack(x)
+        hidden = ctx.unpack(torch.cat([captured[i] for i in hidden_layers], dim=-1)) if hidden_layers else None
         if not compute_logits:
             return ModelOutput(logits=None, hidden_states=hidden, final_hidden=x)
-        return ModelOutput(logits=self.lm_head(x).float(), hidden_states=hidden)
+        logits = self.lm_head(x).float()
+        return ModelOutput(logits=logits if last_only else ctx.unpack(logits), hidden_states=hidden)

@@ -59,9 +59,11 @@ def _profile_cost(target: LoadedModel, drafter: Drafter, config: EngineConfig):
     most = config.max_batch_size * (config.block_size + 1)
     points = sorted({min(2**i, most) for i in range(most.bit_length() + 1)})
     context = max(0, min(256, target.max_position_embeddings - config.block_size - 2))
-    log.warning("profiling the target's cost table for %s verify tokens (pass a cost table to skip)", points)
+    requests = sorted({min(2**i, config.max_batch_size) for i in range(config.max_batch_size.bit_length() + 1)})
+    log.warning("profiling the target's cost table for %s verify tokens and %s requests (pass a cost table to skip)",
+                points, requests)
     return profile_target(target, points, context=context, block_size=config.block_size,
-                          feature_layers=drafter.feature_layers)
+                          feature_layers=drafter.feature_layers, rows=requests)
 
 
 def default_model_name(spec: str) -> str:
