@@ -303,3 +303,29 @@ def test_sequence_distribution_with_sequential_heads_200k(vocab4_target, kind):
     policy = lambda reqs, props: [rng.randint(0, len(p)) for p in props]  # noqa: E731
     tv, bound = sampled_tv(vocab4_target, drafter, DIST_CASES["T=1"], 200_000, block_size=3, policy=policy, num_tokens=4)
     assert tv < bound, f"TV {tv:.4f} >= {bound:.4f} (null mean + 4 sigma: false-failure probability < 1e-4)"
+
+
+@pytest.mark.parametrize("kind", ["dspark-vanilla", "eagle3", "draft-model"])
+def test_a_request_joining_next_to_one_near_the_end_of_a_tight_cache(qwen3_target, kind):
+    """Catch-up forwards pad rows to the longest: a new request's whole prompt next to a request
+    deep in its answer. Only real tokens may be written, or the padding runs past the cache."""
+    from dspark.drafters.draft_model import DraftModelDrafter
+
+    target = qwen3_target
+    drafter = DraftModelDrafter(target) if kind == "draft-model" else make(kind, target)
+    engine = Engine(target, drafter, EngineConfig(block_size=3, max_batch_size=2, max_seq_len=40))
+    gen = torch.Generator().manual_seed(7)
+    long_prompt, short_prompt = (torch.randint(0, target.vocab_size, (n,), generator=gen).tolist() for n in (30, 20))
+    stop = StopParams(max_new_tokens=9, ignore_eos=True)
+    first = Request(long_prompt, SamplingParams(0.0), stop)
+    engine.add_request(first)
+    skip = lambda reqs, props: [0] * len(props)  # noqa: E731  (one token per round: the long row grows slowly)
+    for _ in range(6):
+        engine.step(skip)
+    second = Request(short_prompt, SamplingParams(0.0), stop)
+    engine.add_request(second)
+    done = {}
+    while engine.has_unfinished():
+        done.update({id(o.request): o for o in engine.step()})
+    assert done[id(first)].token_ids == reference_greedy(target.model, long_prompt, 9)
+    assert done[id(second)].token_ids == reference_greedy(target.model, short_prompt, 9)

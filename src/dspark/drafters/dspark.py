@@ -24,7 +24,7 @@ from torch import nn
 from dspark.drafters.base import DraftRequest, Proposal, empty_proposal
 from dspark.drafters.heads import HEAD_TYPES, ConfidenceHead, build_sequential_head
 from dspark.errors import DSparkError
-from dspark.models.kv_cache import KVCache, build_kv_cache
+from dspark.models.kv_cache import KVCache, build_kv_cache, write_rows
 from dspark.models.llama import DecoderLayer, ModelArgs, RMSNorm, apply_rope, grouped_attention, rope_tables
 from dspark.sampling import logits_to_probs, sample_rows
 
@@ -281,12 +281,13 @@ class DSparkDrafter:
         positions = starts[:, None] + torch.arange(width)
         ctx = self.model.project_context(feats)
         cos, sin = self.model.rope(positions, ctx.dtype)
-        slot_index = torch.tensor([s for s, _ in rows])[:, None]
+        slot_t = torch.tensor([s for s, _ in rows])
+        num_new = torch.tensor([f.shape[0] for _, f in rows])
         for layer_id, layer in enumerate(self.model.layers):
             k, v = layer.context_kv(ctx, cos, sin)
-            # padded positions write past each row's length: dead space, as in the target cache
-            self.cache.keys[layer_id][slot_index, :, positions] = k.transpose(1, 2).to(self.cache.keys[layer_id].dtype)
-            self.cache.values[layer_id][slot_index, :, positions] = v.transpose(1, 2).to(self.cache.values[layer_id].dtype)
+            dtype = self.cache.keys[layer_id].dtype
+            write_rows(self.cache.keys[layer_id], slot_t, positions, k.transpose(1, 2).to(dtype), num_new)
+            write_rows(self.cache.values[layer_id], slot_t, positions, v.transpose(1, 2).to(dtype), num_new)
         for s, f in rows:
             self.cache.lengths[s] += f.shape[0]
             self._pending[s] = []

@@ -23,7 +23,7 @@ from torch import nn
 from dspark.drafters.base import DraftRequest, Proposal, empty_proposal
 from dspark.drafters.dspark import TargetSharingModel, TargetSpec, config_fields_from_json
 from dspark.errors import DSparkError
-from dspark.models.kv_cache import KVCache, build_kv_cache
+from dspark.models.kv_cache import KVCache, build_kv_cache, write_rows
 from dspark.models.llama import MLP, ModelArgs, RMSNorm, apply_rope, grouped_attention
 from dspark.sampling import logits_to_probs, sample_rows
 
@@ -168,9 +168,9 @@ class Eagle3Drafter:
         cos, sin = model.rope(positions, dtype)
         q, k, v = layer.self_attn.qkv(layer.attn_input(model.embed(tokens).to(dtype), hidden), cos, sin)
         slot_t = torch.tensor(slots)
-        self.cache.keys[0][slot_t[:, None], :, positions] = k.transpose(1, 2)
-        self.cache.values[0][slot_t[:, None], :, positions] = v.transpose(1, 2)
-        width = int(positions.max()) + 1
+        write_rows(self.cache.keys[0], slot_t, positions, k.transpose(1, 2), num_new)
+        write_rows(self.cache.values[0], slot_t, positions, v.transpose(1, 2), num_new)
+        width = int((positions[:, 0] + num_new).max())  # keys up to the last real position
         mask = torch.arange(width)[None, None, :] <= positions[:, :, None]  # causal by position
         out = grouped_attention(q, self.cache.keys[0][slot_t, :, :width], self.cache.values[0][slot_t, :, :width], mask[:, None])
         return layer.finish(hidden, out)

@@ -64,3 +64,19 @@ def build_kv_cache(
     keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
     values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
     return KVCache(keys, values, max_seq_len)
+
+
+def write_rows(buffer: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, new: torch.Tensor,
+               num_new: torch.Tensor | None = None) -> None:
+    """buffer[slots[b], :, positions[b, i]] = new[b, i] for i < num_new[b] (every i when None).
+
+    buffer [S, H, T, D]; slots [B]; positions [B, N]; new [B, N, H, D]. Padding past a row's own
+    tokens is never written: in a ragged batch a short row with a long context would otherwise
+    write past the buffer (a request that joins with its whole prompt next to one deep in its
+    answer, or one whose drafting was skipped for many rounds).
+    """
+    if num_new is None or int(num_new.min()) >= positions.shape[1]:
+        buffer[slots[:, None], :, positions] = new
+        return
+    real = torch.arange(positions.shape[1], device=positions.device)[None, :] < num_new.to(positions.device)[:, None]
+    buffer[slots[:, None].expand_as(positions)[real], :, positions[real]] = new[real]

@@ -203,9 +203,12 @@ class Attention(nn.Module):
             slot, start, stop = ctx.write_range
             keys[slot, :, start:stop] = k[0]
             values[slot, :, start:stop] = v[0]
-        else:  # write by position: [slot_b, :, pos_bi, :] <- k[b, :, i, :]
+        elif ctx.pack is None:  # write by position: [slot_b, :, pos_bi, :] <- k[b, :, i, :]
             keys[ctx.slot_index, :, ctx.positions] = k.transpose(1, 2)
             values[ctx.slot_index, :, ctx.positions] = v.transpose(1, 2)
+        else:  # real tokens only: a short row's padding could run past the buffer
+            keys[ctx.write_slots, :, ctx.write_positions] = ctx.pack_rows(k.transpose(1, 2))
+            values[ctx.write_slots, :, ctx.write_positions] = ctx.pack_rows(v.transpose(1, 2))
         if ctx.slot_range is not None:  # contiguous slots: a view, no copy
             k_all = keys[ctx.slot_range[0] : ctx.slot_range[1], :, : ctx.num_keys]
             v_all = values[ctx.slot_range[0] : ctx.slot_range[1], :, : ctx.num_keys]
@@ -287,8 +290,11 @@ class ForwardContext:
     cos: torch.Tensor  # [B, 1, N, D]
     sin: torch.Tensor  # [B, 1, N, D]
     masks: list[torch.Tensor | None]  # per layer: [B, 1, N, num_keys] bool, or None (all visible)
-    # Flat indices into the [B * N] grid of the real tokens when rows are ragged (num_new), else None.
+    # Flat indices into the [B * N] grid of the real tokens when rows are ragged (num_new), else None,
+    # with the slot and position of each of those tokens (where its K/V go).
     pack: torch.Tensor | None = None
+    write_slots: torch.Tensor | None = None
+    write_positions: torch.Tensor | None = None
 
     def pack_rows(self, t: torch.Tensor) -> torch.Tensor:
         """[B, N, ...] -> [T, ...] real tokens only (unchanged when nothing is packed)."""
@@ -344,7 +350,9 @@ class Transformer(nn.Module):
         self, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, num_new: torch.Tensor | None = None
     ) -> ForwardContext:
         """positions [B, N] (row b's N new tokens), slots [B]; num_new [B] real tokens per row."""
-        num_keys = int(positions.max()) + 1
+        pack = _pack_index(None if num_new is None else num_new.to(positions.device), positions.shape[1])
+        # Keys up to the last real position (padding may point past the buffer; it is never written).
+        num_keys = int((positions if pack is None else positions.reshape(-1)[pack]).max()) + 1
         cos, sin = rope_tables(positions, self.inv_freq, self.rope_scale, self.dtype)
         slot_list = slots.tolist()
         contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
@@ -363,12 +371,15 @@ class Transformer(nn.Module):
             slots=slots,
             slot_index=slots[:, None],
             slot_range=(slot_list[0], slot_list[0] + len(slot_list)) if contiguous else None,
-            write_range=(slot_list[0], int(positions[0, 0]), int(positions[0, -1]) + 1) if len(slot_list) == 1 else None,
+            write_range=(slot_list[0], int(positions[0, 0]), int(positions[0, -1]) + 1)
+            if len(slot_list) == 1 and pack is None else None,
             num_keys=num_keys,
             cos=cos,
             sin=sin,
             masks=[masks_by_window[w] for w in self.args.sliding_windows],
-            pack=_pack_index(None if num_new is None else num_new.to(positions.device), positions.shape[1]),
+            pack=pack,
+            write_slots=None if pack is None else slots[:, None].expand_as(positions).reshape(-1)[pack],
+            write_positions=None if pack is None else positions.reshape(-1)[pack],
         )
 
     def forward(
