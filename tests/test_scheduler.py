@@ -16,9 +16,9 @@ from dspark.config import EngineConfig, SamplingParams, StopParams
 from dspark.drafters.draft_model import DraftModelDrafter
 from dspark.drafters.simple import NgramDrafter
 from dspark.engine.engine import Engine, Request
-from dspark.engine.profile import even_rows, profile_target
+from dspark.engine.profile import convex_times, even_rows, profile_target
 from dspark.engine.scheduler import (
-    AsyncScheduledPolicy, CostTable, DraftGate, NonePolicy, OnlineAcceptance, ScheduledPolicy,
+    AsyncScheduledPolicy, CostTable, DraftGate, EstimatedPolicy, NonePolicy, OnlineAcceptance, ScheduledPolicy,
     async_budget, build_policy, fixed_lengths, scheduled_lengths, threshold_lengths, top_k_lengths,
 )
 from dspark.engine.simulate import load_trace, plot_simulation, save_trace, simulate, trace_from_stats
@@ -231,6 +231,18 @@ def test_a_probe_round_verifies_at_least_one_draft_per_request():
     assert policy.decide([None] * 3, [4, 0, 2], [0, 1, 2]) == [1, 0, 1]
     assert policy.plan(requests, 0.02) == [0, 0, 0] and not policy.gate.probing
     assert policy.decide([None] * 3, [4, 0, 2], [0, 1, 2]) == [0, 0, 0]
+
+
+def test_estimates_that_stopped_verifying_are_tried_again():
+    cost = table({1: 100.0, 2: 50.0})  # every verified token costs as much as the whole step
+    policy = ScheduledPolicy(cost)
+    policy.explore_every = 3
+    policy.acceptance.update([4] * 50, [0] * 50)  # looks hopeless: nothing is verified any more
+    rounds = [policy.decide([None, None, [0.5] * 4], [4, 0, 4]) for _ in range(8)]
+    # rows with estimates and drafts get one draft verified after 3 idle rounds; the confidence row never
+    assert rounds == [[0, 0, 0]] * 3 + [[1, 0, 0]] + [[0, 0, 0]] * 3 + [[1, 0, 0]]
+    with pytest.raises(DSparkError, match="explore_every"):
+        EstimatedPolicy("scheduled", lambda c, m: [0] * len(m), explore_every=0)
 
 
 def test_async_policy_uses_the_budget_of_two_rounds_earlier():
@@ -497,10 +509,23 @@ def test_profile_target_on_a_tiny_model(qwen3_target):
     assert cost.tokens == (1, 3, 8) and all(s > 0 for s in cost.sps)
     assert [(r, curve.tokens) for r, curve in cost.by_rows] == [(1, (1, 2, 3, 4)), (3, (3, 6, 9, 12))]
     assert cost.meta["request_counts"] == [1, 3] and "3x4" in cost.meta["seconds_min_max"]
+    assert cost.meta["convex"] and set(cost.meta["measured_s"]) == {"1", "3", "8", "1x1", "1x4", "3x1", "3x4", *(
+        f"{r}x{n}" for r in (1, 3) for n in (2, 3))}
+    for _, curve in cost.by_rows:  # stored convex and non-decreasing in time
+        times = [1 / s for s in curve.sps]
+        steps = [(t2 - t1) / (b2 - b1) for (b1, t1), (b2, t2) in itertools.pairwise(zip(curve.tokens, times))]
+        assert all(x >= 0 for x in steps) and all(y >= x - 1e-12 for x, y in itertools.pairwise(steps))
     assert cost.meta["context"] == 16 and cost.meta["rows"]["8"] == [4, 4]
     assert set(cost.meta["drafter_propose_s"]) == {"1", "2"} and cost.meta["target_fingerprint"]
     with pytest.raises(DSparkError, match="exceed the target's context"):
         profile_target(qwen3_target, batch_tokens=(1,), context=10_000)
+
+
+def test_convex_times_lower_bumps_and_keep_the_hull():
+    assert convex_times([1, 2, 3, 4], [10.0, 12.0, 12.0, 14.0]) == pytest.approx([10.0, 11.0, 12.0, 14.0])
+    assert convex_times([1, 2, 4, 8], [5.0, 4.0, 6.0, 10.0]) == pytest.approx([5.0, 5.0, 6.0, 10.0])  # falling start: flat
+    assert convex_times([1, 3, 5], [1.0, 2.0, 9.0]) == [1.0, 2.0, 9.0]  # already convex: unchanged
+    assert convex_times([4], [2.5]) == [2.5]
 
 
 # -------------------------------------------------------------------------------- simulator

@@ -36,6 +36,38 @@ def even_rows(num_tokens: int, block_size: int) -> list[int]:
     return [base + 1] * extra + [base] * (rows - extra)
 
 
+def convex_times(tokens: Sequence[int], seconds: Sequence[float]) -> list[float]:
+    """The greatest convex minorant of measured (B, seconds), made non-decreasing.
+
+    Measured times wiggle by a few percent; Algorithm 1's early stop halts at the first admission
+    that does not pay, so a bump in the table stops it short, and with a time per step that is
+    non-decreasing and convex in B the early stop finds the global best prefix (scheduler.py). The
+    lower convex hull keeps every point that is already on it and lowers bumps to it.
+    """
+    hull: list[int] = []  # indices of the lower hull, left to right
+    for i in range(len(tokens)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # b lies on or above the segment a -> i: drop it
+            if (seconds[b] - seconds[a]) * (tokens[i] - tokens[a]) >= (seconds[i] - seconds[a]) * (tokens[b] - tokens[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    out = []
+    for i, b in enumerate(tokens):
+        j = max(k for k in range(len(hull)) if tokens[hull[k]] <= b)
+        if tokens[hull[j]] == b:
+            out.append(seconds[hull[j]])
+        else:
+            lo, hi = hull[j], hull[j + 1]
+            w = (b - tokens[lo]) / (tokens[hi] - tokens[lo])
+            out.append((1 - w) * seconds[lo] + w * seconds[hi])
+    for i in range(1, len(out)):  # a falling start becomes flat: still convex, never faster with more tokens
+        out[i] = max(out[i], out[i - 1])
+    return out
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -74,13 +106,16 @@ def profile_target(
     drafter_requests: Sequence[int] = (1,),
     seed: int = 0,
     rows: Sequence[int] = (),
+    convex: bool = True,
 ) -> CostTable:
     """SPS(B) for each B in `batch_tokens` (sorted, deduplicated); `rows_of(B)` gives the row
     lengths (default: `even_rows(B, block_size)`). `feature_layers` are the hidden layers the
     forward also returns, as the engine asks for them (default: the drafter's, else none). With a
     `drafter`, the median time of one propose for R requests is stored in
     meta["drafter_propose_s"] for each R in `drafter_requests`. `rows`: request counts R that get
-    their own curve (see the module docstring)."""
+    their own curve (see the module docstring). With `convex`, each curve is stored as the convex,
+    non-decreasing minorant of its measurements (`convex_times`); the raw medians stay in
+    meta["measured_s"]."""
     points = sorted({int(b) for b in batch_tokens})
     if not points or points[0] < 1:
         raise DSparkError(f"batch_tokens must be integers >= 1, got {list(batch_tokens)}")
@@ -112,7 +147,7 @@ def profile_target(
                      last_only=True)
     spread = {}
 
-    def steps_per_second(lengths: list[int], label: str) -> float:
+    def seconds_per_step(lengths: list[int], label: str) -> float:
         width = max(lengths)  # rows padded to the widest one; only attention sees the padding
         ids = torch.randint(0, target.vocab_size, (len(lengths), width), generator=gen).to(device)
         positions = (context + torch.arange(width)).expand(len(lengths), width).to(device)
@@ -124,17 +159,22 @@ def profile_target(
 
         times = _seconds(forward, repeats, warmup, device)
         spread[label] = [min(times), max(times)]  # a wide spread means a busy machine: profile again
-        return 1.0 / statistics.median(times)
+        return statistics.median(times)
 
-    sps = [steps_per_second(layout[b], str(b)) for b in points]
-    by_rows = {r: CostTable(tuple(sum(lengths) for lengths in shapes),
-                            tuple(steps_per_second(lengths, f"{r}x{lengths[0]}") for lengths in shapes))
+    def curve(tokens: list[int], seconds: list[float]) -> CostTable:
+        return CostTable(tuple(tokens), tuple(1.0 / t for t in (convex_times(tokens, seconds) if convex else seconds)))
+
+    measured = {str(b): seconds_per_step(layout[b], str(b)) for b in points}
+    for r, shapes in shaped.items():
+        measured.update({f"{r}x{lengths[0]}": seconds_per_step(lengths, f"{r}x{lengths[0]}") for lengths in shapes})
+    table = curve(points, [measured[str(b)] for b in points])
+    by_rows = {r: curve([sum(lengths) for lengths in shapes], [measured[f"{r}x{lengths[0]}"] for lengths in shapes])
                for r, shapes in shaped.items()}
     meta = {
         "device": _device_name(device), "torch": torch.__version__, "dtype": str(target.model.dtype).removeprefix("torch."),
         "target": target.spec, "target_fingerprint": target.fingerprint, "context": context,
         "block_size": block_size, "repeats": repeats, "rows": {str(b): layout[b] for b in points},
-        "request_counts": row_counts,
+        "request_counts": row_counts, "convex": convex, "measured_s": measured,
         "seconds_min_max": spread,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
@@ -142,7 +182,7 @@ def profile_target(
         meta["drafter"] = getattr(drafter, "name", type(drafter).__name__)
         meta["drafter_propose_s"] = profile_drafter(target, drafter, drafter_requests, context, block_size,
                                                     repeats, warmup, seed)
-    return CostTable(tuple(points), tuple(sps), meta, tuple(by_rows.items()))
+    return CostTable(table.tokens, table.sps, meta, tuple(by_rows.items()))
 
 
 @torch.inference_mode()

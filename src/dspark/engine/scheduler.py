@@ -318,11 +318,20 @@ class DraftGate:
 class EstimatedPolicy:
     """A pure length rule applied to each round's confidences; rows without confidences get
     `OnlineAcceptance` estimates (past rounds only, so still lossless). With `draft_gate`, the
-    engine asks `plan` before drafting how many tokens each request may propose (see DraftGate)."""
+    engine asks `plan` before drafting how many tokens each request may propose (see DraftGate).
+
+    Estimates only change where something is verified, so once they say "not worth it" they would
+    stay so. After `explore_every` rounds in a row in which rows with estimates had drafts and none
+    was verified, the next such round verifies one draft of each of them (and so does a draft
+    gate's probe, for every row). The choice is fixed by past rounds, so it stays lossless."""
 
     def __init__(self, name: str, rule: Callable[[Confidences, Sequence[int]], list[int]],
-                 prior: OnlineAcceptance | None = None, draft_gate: bool = False, **settings):
+                 prior: OnlineAcceptance | None = None, draft_gate: bool = False, explore_every: int = 16,
+                 **settings):
+        if explore_every < 1:
+            raise DSparkError(f"explore_every must be >= 1 round, got {explore_every}")
         self.name, self.rule, self.last_budget = name, rule, 0
+        self.explore_every, self.idle_rounds = explore_every, 0
         self.acceptance = prior or OnlineAcceptance()
         self.__dict__.update(settings)  # e.g. threshold, cost: visible to callers and metrics
         self.gate = DraftGate(settings["cost"], self.acceptance) if draft_gate else None
@@ -336,8 +345,18 @@ class EstimatedPolicy:
 
     def decide(self, confidences, max_lengths, keys=None) -> list[int]:
         lengths = self.rule(self.acceptance.fill(confidences, max_lengths, keys), max_lengths)
-        if self.gate is not None and self.gate.probing:  # explore: the probe's point is to learn
-            lengths = [max(n, min(1, cap)) for n, cap in zip(lengths, max_lengths)]
+        estimated = [c is None and cap > 0 for c, cap in zip(confidences, max_lengths)]
+        explore = [False] * len(lengths)
+        if any(estimated):
+            if any(n > 0 for n, e in zip(lengths, estimated) if e):
+                self.idle_rounds = 0
+            else:
+                self.idle_rounds += 1
+                if self.idle_rounds > self.explore_every:
+                    explore, self.idle_rounds = estimated, 0
+        if self.gate is not None and self.gate.probing:  # the probe's point is to learn
+            explore = [True] * len(lengths)
+        lengths = [max(n, min(1, cap)) if e else n for n, cap, e in zip(lengths, max_lengths, explore)]
         self.last_budget = sum(lengths)
         return lengths
 
