@@ -4,7 +4,7 @@ Measured side by side in one run, on SmolLM2-135M (bf16), greedy, one engine per
   1. the target's cost table SPS(B) (verify forwards of B tokens, profiled first, with one curve per
      concurrency R in the engine's shape: R rows of 1..K+1 tokens);
   2. for each concurrency R and policy — `none` (plain decoding, no drafter), `fixed:3`,
-     `fixed:7`, `scheduled` (Algorithm 1 on the profiled table), `async` (§5.2) — steady-state
+     `fixed:7`, `scheduled` (Algorithm 1 on the profiled table; `--policies` adds `async`) — steady-state
      continuous batching: R requests in flight, a finished one replaced at once by the next prompt
      (as a server under constant load), until `--requests-per-level` x R have been admitted.
      Aggregate tokens/s is counted over that window (prefills included, the drain at the end
@@ -14,7 +14,9 @@ Measured side by side in one run, on SmolLM2-135M (bf16), greedy, one engine per
      the measured table and on a synthetic GPU-shaped table (flat to a knee, then linear).
 
 Torch runs on `--threads` threads (default 1): on a small shared CPU, two threads drift by up to 20%
-between back-to-back identical runs, more than the differences being measured; one is steady.
+between back-to-back identical runs, more than the differences being measured; one is steadier.
+Each (R, policy) runs `--repeats` times, the policies' order rotating between repeats, and the
+median run is reported (all runs are kept in results.json).
 
     .venv/bin/python benchmarks/bench_serving.py --drafter runs/dspark/step_100 [--concurrency 1,2,4,8,16]
     .venv/bin/python benchmarks/bench_serving.py --drafter ngram --prompts ../shared/data/eval/humaneval.jsonl
@@ -43,7 +45,7 @@ from dspark.engine.simulate import plot_simulation, results_to_json, simulate, t
 from dspark.models.target import load_model
 from dspark.text import encode_messages
 
-POLICIES = ("none", "fixed:3", "fixed:7", "scheduled", "async")
+POLICIES = ("none", "fixed:3", "fixed:7", "scheduled")  # --policies adds e.g. async
 BLOCK = 7
 
 
@@ -104,6 +106,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--requests-per-level", type=int, default=4, help="requests admitted per level, times R")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (profile and runs alike)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per (R, policy), interleaved; the median is kept")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="measured policies (comma-separated specs)")
     parser.add_argument("--prompts", default="../shared/data/eval/gsm8k.jsonl")
     parser.add_argument("--out", default="bench_results/serving")
     args = parser.parse_args()
@@ -128,20 +132,28 @@ def main() -> None:
     for r, curve in cost.by_rows:
         print(f"  R={r}: ms per step at B =", {b: round(1000 / s, 1) for b, s in zip(curve.tokens, curve.sps)})
 
-    results: dict = {}
+    policies = tuple(args.policies.split(","))
+    results: dict = {spec: {} for spec in policies}
     traces = []
     for c in levels:
         prompts = prompts_all[: c * args.requests_per_level]
-        for spec in POLICIES:
-            d = NoDrafter() if spec == "none" else build_drafter(args.drafter, target)
-            r = run_level(target, d, build_policy(spec, BLOCK, cost), prompts, c, c * args.requests_per_level,
-                          args.max_new_tokens)
-            stats = r.pop("stats")
-            if spec == "fixed:7":
-                traces += trace_from_stats(stats, [f"{c}:{i}" for i in range(len(stats))])
-            results.setdefault(spec, {})[str(c)] = r
-            print(f"R={c:3d} {spec:10s} {r['tokens_per_s']:7.1f} tok/s  per user {r['per_user_tokens_per_s']:6.1f}  "
-                  f"tau {r['accept_length']:.2f}  verified/round {r['verified_per_round']:.2f}", flush=True)
+        runs: dict = {spec: [] for spec in policies}
+        for repeat in range(args.repeats):
+            # Each repeat starts the rotation one policy later: none always runs first or last.
+            for spec in policies[repeat % len(policies):] + policies[: repeat % len(policies)]:
+                d = NoDrafter() if spec == "none" else build_drafter(args.drafter, target)
+                r = run_level(target, d, build_policy(spec, BLOCK, cost), prompts, c, c * args.requests_per_level,
+                              args.max_new_tokens)
+                stats = r.pop("stats")
+                if spec == "fixed:7" and repeat == 0:
+                    traces += trace_from_stats(stats, [f"{c}:{i}" for i in range(len(stats))])
+                runs[spec].append(r)
+                print(f"R={c:3d} {spec:10s} {r['tokens_per_s']:7.1f} tok/s  per user {r['per_user_tokens_per_s']:6.1f}  "
+                      f"tau {r['accept_length']:.2f}  verified/round {r['verified_per_round']:.2f}", flush=True)
+        for spec, rs in runs.items():  # the median repeat (by aggregate tokens/s) stands for the level
+            r = dict(sorted(rs, key=lambda x: x["tokens_per_s"])[len(rs) // 2])
+            r["tokens_per_s_runs"] = [x["tokens_per_s"] for x in rs]
+            results[spec][str(c)] = r
     plot_throughput(results, out / "throughput.png")
 
     sim = {}
@@ -151,7 +163,7 @@ def main() -> None:
         sim[label] = results_to_json(res)
         plot_simulation(res, out / f"simulation_{label}.png")
     (out / "results.json").write_text(json.dumps({"drafter": args.drafter, "threads": args.threads,
-                                                  "requests_per_level": args.requests_per_level,
+                                                  "requests_per_level": args.requests_per_level, "repeats": args.repeats,
                                                   "max_new_tokens": args.max_new_tokens, "cost_table": cost.to_json(),
                                                   "measured": results, "simulated": sim}, indent=2))
     lines = ["| policy | " + " | ".join(f"R={c}" for c in levels) + " |", "|---|" + "---|" * len(levels)]

@@ -193,7 +193,7 @@ def test_online_acceptance_counts_conditional_trials():
 
 
 def test_online_acceptance_keeps_per_request_estimates_shrunk_to_the_pooled_one():
-    est = OnlineAcceptance(decay=1.0, request_prior=4.0)
+    est = OnlineAcceptance(decay=1.0, request_prior=4.0, request_decay=1.0)
     est.update([2, 2], [2, 0], keys=["copy", "prose"])  # 'copy' accepted both drafts, 'prose' none
     pooled = est.estimate(2)
     assert pooled == pytest.approx([(1 + 1) / (2 + 2), (1 + 1) / (1 + 2)])
@@ -203,6 +203,12 @@ def test_online_acceptance_keeps_per_request_estimates_shrunk_to_the_pooled_one(
     assert est.fill([None, [0.3]], [2, 1], ["copy", "prose"]) == [est.estimate(2, "copy"), [0.3]]
     est.update([1], [1], keys=["copy"])  # 'prose' has finished: forgotten
     assert set(est.requests) == {"copy"}
+    fading = OnlineAcceptance(request_decay=0.5)
+    fading.update([2], [0], keys=["r"])
+    fading.update([0], [0], keys=["r"])  # not verified this round: its own evidence halves all the same
+    assert fading.requests["r"] == ([0.5], [0.0])
+    with pytest.raises(DSparkError, match="request_decay"):
+        OnlineAcceptance(request_decay=1.5)
 
 
 def test_online_acceptance_forgets_old_evidence_only_in_rounds_that_verify():

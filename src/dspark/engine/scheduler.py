@@ -159,20 +159,26 @@ class OnlineAcceptance:
     its own counts, shrunk towards the pooled estimate with the weight of `request_prior` trials:
     c_{r,j} = (accepts_{r,j} + m p_j) / (trials_{r,j} + m). Requests differ far more than positions
     do (a prompt to copy from makes n-gram drafts good, free text makes them useless), and the
-    scheduler can then verify the requests worth it. Lossless: a round's estimates depend only on
-    earlier rounds' outcomes, never on this round's drafts. A position that is never verified keeps
-    what it had; the draft gate's probes verify at least one draft per request so that it cannot
-    stay pessimistic for ever.
+    scheduler can then verify the requests worth it. A request's own counts fade by `request_decay`
+    every round it takes part in, verified or not: a request that looked hopeless drifts back to the
+    pooled estimate and is tried again (n-gram drafts that fail in prose may pay in the code that
+    follows). Lossless: a round's estimates depend only on earlier rounds' outcomes, never on this
+    round's drafts. A pooled position that is never verified keeps what it had; the draft gate's
+    probes and the policy's idle-round exploration verify one draft per request so that the
+    estimates cannot stay pessimistic for ever.
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, decay: float = 0.99, request_prior: float = 4.0):
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, decay: float = 0.99, request_prior: float = 4.0,
+                 request_decay: float = 0.9):
         if alpha <= 0 or beta <= 0:
             raise DSparkError(f"Beta prior needs alpha > 0 and beta > 0, got {alpha}, {beta}")
-        if not 0.0 < decay <= 1.0:
-            raise DSparkError(f"acceptance decay must be in (0, 1], got {decay}")
+        for name, value in (("decay", decay), ("request_decay", request_decay)):
+            if not 0.0 < value <= 1.0:
+                raise DSparkError(f"acceptance {name} must be in (0, 1], got {value}")
         if request_prior <= 0:
             raise DSparkError(f"request_prior must be > 0 (trials' worth of the pooled estimate), got {request_prior}")
         self.alpha, self.beta, self.decay, self.request_prior = alpha, beta, decay, request_prior
+        self.request_decay = request_decay
         self.trials: list[float] = []  # rounds where draft j was verified and drafts < j accepted (decayed)
         self.accepts: list[float] = []  # of those, rounds where draft j was accepted (decayed)
         self.requests: dict[object, tuple[list[int], list[int]]] = {}  # request key -> (trials, accepts)
@@ -199,8 +205,12 @@ class OnlineAcceptance:
         """Record a round. With `keys`, requests absent from it have finished and are forgotten."""
         if keys is not None:
             live = set(keys)
-            for gone in [k for k in self.requests if k not in live]:
-                del self.requests[gone]
+            for key in list(self.requests):
+                if key not in live:
+                    del self.requests[key]  # finished
+                elif self.request_decay < 1.0:
+                    trials, accepts = self.requests[key]
+                    self.requests[key] = ([n * self.request_decay for n in trials], [a * self.request_decay for a in accepts])
         if any(length > 0 for length in lengths) and self.decay < 1.0:
             self.trials = [n * self.decay for n in self.trials]
             self.accepts = [s * self.decay for s in self.accepts]
