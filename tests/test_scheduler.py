@@ -19,7 +19,7 @@ from dspark.engine.engine import Engine, Request
 from dspark.engine.profile import convex_times, even_rows, profile_target
 from dspark.engine.scheduler import (
     AsyncScheduledPolicy, CostTable, DraftGate, EstimatedPolicy, NonePolicy, OnlineAcceptance, ScheduledPolicy,
-    async_budget, build_policy, fixed_lengths, scheduled_lengths, threshold_lengths, top_k_lengths,
+    async_budget, build_policy, fixed_lengths, level_lengths, scheduled_lengths, threshold_lengths, top_k_lengths,
 )
 from dspark.engine.simulate import load_trace, plot_simulation, save_trace, simulate, trace_from_stats
 from dspark.engine.verify import residual_probs
@@ -37,6 +37,22 @@ def table(sps_by_tokens: dict[int, float]) -> CostTable:
 
 
 # --------------------------------------------------------------------------- pure rules by hand
+def test_level_admission_fills_the_padding_that_algorithm_1_stops_at():
+    """1 ms per verified token, 4 ms per padded one (t(2) = 10 ms): going one draft deeper costs the
+    first request the padding of the other, so admission proceeds by draft position."""
+    cost = CostTable((2, 10), (100.0, 1000 / 18), padding=((2, 0.004),))
+    confidences = [[0.9, 0.9], [0.8, 0.1]]  # survival: row 0 (0.9, 0.81), row 1 (0.8, 0.08)
+    # level 1: both rows (Theta 3.7 / 12 ms beats 2.9 / 15 ms and 2 / 10 ms); level 2: both again
+    # (4.59 / 14 ms beats 4.51 / 17 ms and 3.7 / 12 ms)
+    assert level_lengths(confidences, [2, 2], cost) == scheduled_lengths(confidences, [2, 2], cost) == [2, 2]
+    assert cost.round_time(3, 2, 2) == pytest.approx(0.015)
+    unpadded = CostTable((2, 10), (100.0, 1000 / 18))  # Algorithm 1 on B alone
+    assert scheduled_lengths(confidences, [2, 2], unpadded) == [2, 1]
+    # row 1 drafted nothing: row 0 alone would pay row 1's padding, 2.9 / 15 ms < 2 / 10 ms
+    assert level_lengths(confidences, [1, 0], cost) == [0, 0]
+    assert level_lengths(confidences, [1, 0], CostTable((2, 10), (100.0, 1000 / 18), padding=((2, 0.001),))) == [1, 0]
+
+
 def test_fixed_and_threshold_lengths_by_hand():
     assert fixed_lengths([3, 0, 5], 4) == [3, 0, 4]
     confs = [[0.9, 0.4, 0.95], [0.3, 0.9, 0.9], [0.8, 0.8, 0.8]]
@@ -371,7 +387,7 @@ def scheduled_tv(target, drafter, policy, joint, num_samples=20_000):
     return tv, tv_bound(list(joint.values()), num_samples)
 
 
-@pytest.mark.parametrize("kind", ["scheduled", "async", "scheduled-online", "scheduled-gated"])
+@pytest.mark.parametrize("kind", ["scheduled", "async", "scheduled-online", "scheduled-gated", "scheduled-padded"])
 def test_sequence_distribution_with_scheduled_lengths(vocab4_pair, vocab4_joint, kind):
     """20k seeded samples of 4 tokens (256 sequences): scheduled lengths stay lossless, with DSpark's
     own confidences, with the asynchronous top-K rule, with online per-request estimates (a draft
@@ -384,6 +400,9 @@ def test_sequence_distribution_with_scheduled_lengths(vocab4_pair, vocab4_joint,
         gated = ScheduledPolicy(table({1: 100.0, 512: 100.0, 1024: 60.0, 2048: 10.0}), draft_gate=True)
         gated.gate.probe_every = gated.gate.wait = gated.gate.max_probe_every = 2
         policy = Recorder(gated)
+    elif kind == "scheduled-padded":  # level-by-level admission
+        padded = CostTable(VOCAB4_COST.tokens, VOCAB4_COST.sps, padding=((1, 1e-5),))
+        policy = Recorder(ScheduledPolicy(padded))
     else:
         policy = Recorder(ScheduledPolicy(VOCAB4_COST))
     tv, bound = scheduled_tv(target, drafter, policy, vocab4_joint)
@@ -470,15 +489,27 @@ def test_cost_table_curves_per_request_count():
         CostTable((1,), (1.0,), by_rows=((0, table({1: 1.0})),))
 
 
+def test_cost_table_padding_per_request_count():
+    cost = CostTable((1, 16), (100.0, 10.0), padding=((8, 0.002), (2, 0.001)))
+    assert cost.padding == ((2, 0.001), (8, 0.002))
+    assert cost.pad_at(1) == 0.001 and cost.pad_at(5) == pytest.approx(0.0015) and cost.pad_at(64) == 0.002
+    assert cost.round_time(5, 2, 4) == pytest.approx(cost.time_at(5, 2) + 3 * 0.001)
+    assert table({1: 10.0}).pad_at(4) == 0.0  # no padding data: padding is free
+    with pytest.raises(DSparkError, match="padding"):
+        CostTable((1,), (1.0,), padding=((2, -1.0),))
+
+
 def test_cost_table_round_trips_through_a_file(tmp_path):
     cost = CostTable((1, 8, 64), (50.0, 48.5, 20.25), {"device": "cpu", "context": 256})
     cost.save(tmp_path / "sps.json")
     loaded = CostTable.load(tmp_path / "sps.json")
     assert loaded == cost and loaded.meta == cost.meta
     assert [p.name for p in tmp_path.iterdir()] == ["sps.json"]  # no temporary left behind
-    shaped = CostTable((1, 8), (50.0, 40.0), {"context": 256}, by_rows=((2, table({2: 45.0, 6: 30.0})),))
+    shaped = CostTable((1, 8), (50.0, 40.0), {"context": 256}, by_rows=((2, table({2: 45.0, 6: 30.0})),),
+                       padding=((2, 0.0005),))
     shaped.save(tmp_path / "shaped.json")
-    assert CostTable.load(tmp_path / "shaped.json").by_rows == shaped.by_rows
+    loaded = CostTable.load(tmp_path / "shaped.json")
+    assert loaded.by_rows == shaped.by_rows and loaded.padding == ((2, 0.0005),)
     sglang = {"sample_batch_tokens": [1, 16], "sample_steps_per_sec": [40.0, 30.0], "max_batch_tokens": 16}
     assert CostTable.from_json(sglang).sps == (40.0, 30.0)
 
@@ -495,6 +526,7 @@ def test_cost_table_round_trips_through_a_file(tmp_path):
     ('{"format": "dspark-cost-table", "version": 1, "tokens": [1], "sps": [1.0], "by_rows": {"x": {}}}', "'x'"),
     ('{"format": "dspark-cost-table", "version": 1, "tokens": [1], "sps": [1.0], "by_rows": {"2": {"tokens": [2], '
      '"sps": [0]}}}', r"by_rows\[2\].*> 0, got 0"),
+    ('{"format": "dspark-cost-table", "version": 1, "tokens": [1], "sps": [1.0], "padding_s": {"2": "x"}}', "'x'"),
     ("[1, 2]", "expected a JSON object"),
 ])
 def test_malformed_cost_tables_are_refused_with_the_bad_value(tmp_path, content, message):
@@ -515,8 +547,9 @@ def test_profile_target_on_a_tiny_model(qwen3_target):
     assert cost.tokens == (1, 3, 8) and all(s > 0 for s in cost.sps)
     assert [(r, curve.tokens) for r, curve in cost.by_rows] == [(1, (1, 2, 3, 4)), (3, (3, 6, 9, 12))]
     assert cost.meta["request_counts"] == [1, 3] and "3x4" in cost.meta["seconds_min_max"]
+    assert [r for r, _ in cost.padding] == [3] and cost.padding[0][1] >= 0  # R = 1 has no padding
     assert cost.meta["convex"] and set(cost.meta["measured_s"]) == {"1", "3", "8", "1x1", "1x4", "3x1", "3x4", *(
-        f"{r}x{n}" for r in (1, 3) for n in (2, 3))}
+        f"{r}x{n}" for r in (1, 3) for n in (2, 3)), "3x1+3"}
     for _, curve in cost.by_rows:  # stored convex and non-decreasing in time
         times = [1 / s for s in curve.sps]
         steps = [(t2 - t1) / (b2 - b1) for (b1, t1), (b2, t2) in itertools.pairwise(zip(curve.tokens, times))]

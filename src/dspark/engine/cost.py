@@ -16,6 +16,12 @@ requests R (`by_rows`, measured in the engine's own shape: R rows of 1 + e token
 that knows R uses them: at R between two profiled counts, the two curves are read at the same
 tokens per row and interpolated linearly in R; beyond the largest, that curve is scaled by R.
 Without `by_rows` (e.g. SGLang's flat `sps.json`), or without R, the B-only curve is used.
+
+An engine that pads ragged rows to the widest one also pays for part of the padding (attention
+runs over the padded grid, matrix products in blocks of rows). `padding` holds, per R, the seconds
+each padded token adds (measured by the profiler against the uniform-row curve); `round_time`
+prices a round as t(B, R) + padding(R) * (R * width - B). A GPU engine with variable-length
+attention has no such term, and a table without it prices B alone, as the paper does.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ class CostTable:
     meta: dict = field(default_factory=dict, compare=False)  # device, target, dtype, context, ...
     # ((R, table of B -> sps measured with R rows), ...) in increasing R; empty: B-only.
     by_rows: tuple[tuple[int, CostTable], ...] = ()
+    # ((R, seconds per padded token), ...) in increasing R; empty: padding is free.
+    padding: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         tokens, sps = tuple(self.tokens), tuple(self.sps)
@@ -67,6 +75,11 @@ class CostTable:
             if r < 1 or not isinstance(t, CostTable) or t.by_rows:
                 raise DSparkError(f"cost table by_rows needs row counts >= 1 with plain tables, got {r!r}")
         object.__setattr__(self, "by_rows", by_rows)
+        padding = tuple(sorted((int(r), float(c)) for r, c in dict(self.padding).items()))
+        for r, c in padding:
+            if r < 1 or not math.isfinite(c) or c < 0:
+                raise DSparkError(f"cost table padding needs row counts >= 1 and seconds >= 0, got {r!r}: {c!r}")
+        object.__setattr__(self, "padding", padding)
 
     # ------------------------------------------------------------------------------------ lookups
     def time_at(self, tokens: float, rows: int | None = None) -> float:
@@ -100,6 +113,24 @@ class CostTable:
         r2, t2 = self.by_rows[i]
         w = (rows - r1) / (r2 - r1)
         return (1.0 - w) * t1.time_at(per_row * r1) + w * t2.time_at(per_row * r2)
+
+    def pad_at(self, rows: int) -> float:
+        """Seconds one padded token adds to a round of `rows` requests (0 without padding data);
+        linear in R between profiled counts, the nearest count's value outside them."""
+        if not self.padding:
+            return 0.0
+        counts = [r for r, _ in self.padding]
+        i = bisect_right(counts, rows)
+        if i == 0:
+            return self.padding[0][1]
+        if i == len(counts):
+            return self.padding[-1][1]
+        (r1, c1), (r2, c2) = self.padding[i - 1], self.padding[i]
+        return c1 + (c2 - c1) * (rows - r1) / (r2 - r1)
+
+    def round_time(self, tokens: float, rows: int, width: int) -> float:
+        """Seconds of a verify round of `tokens` real tokens in `rows` rows padded to `width`."""
+        return self.time_at(tokens, rows) + self.pad_at(rows) * max(0.0, rows * width - tokens)
 
     def sps_at(self, tokens: float, rows: int | None = None) -> float:
         """Steps per second SPS(B) (over `rows` requests when the table has per-row curves);
@@ -140,6 +171,8 @@ class CostTable:
                "meta": self.meta}
         if self.by_rows:
             out["by_rows"] = {str(r): {"tokens": list(t.tokens), "sps": list(t.sps)} for r, t in self.by_rows}
+        if self.padding:
+            out["padding_s"] = {str(r): c for r, c in self.padding}
         return out
 
     @classmethod
@@ -161,16 +194,21 @@ class CostTable:
                 raise DSparkError(f"{source}: '{key}' must be a list, got {value!r}")
         if not isinstance(meta, dict):
             raise DSparkError(f"{source}: 'meta' must be an object, got {meta!r}")
-        by_rows = data.get("by_rows", {})
-        if not isinstance(by_rows, dict):
-            raise DSparkError(f"{source}: 'by_rows' must be an object, got {by_rows!r}")
+        by_rows, padding = data.get("by_rows", {}), data.get("padding_s", {})
+        for key, value in (("by_rows", by_rows), ("padding_s", padding)):
+            if not isinstance(value, dict):
+                raise DSparkError(f"{source}: '{key}' must be an object, got {value!r}")
         try:
             curves = {}
             for r, curve in by_rows.items():
                 if not (isinstance(r, str) and r.isdigit()) or not isinstance(curve, dict):
                     raise DSparkError(f"'by_rows' needs row counts mapped to {{tokens, sps}}, got {r!r}: {curve!r}")
                 curves[int(r)] = cls.from_json({"format": FORMAT, "version": VERSION, **curve}, f"by_rows[{r}]")
-            return cls(tuple(tokens), tuple(sps), meta, tuple(curves.items()))
+            for r, c in padding.items():
+                if not (isinstance(r, str) and r.isdigit()) or isinstance(c, bool) or not isinstance(c, (int, float)):
+                    raise DSparkError(f"'padding_s' needs row counts mapped to seconds, got {r!r}: {c!r}")
+            return cls(tuple(tokens), tuple(sps), meta, tuple(curves.items()),
+                       tuple((int(r), float(c)) for r, c in padding.items()))
         except DSparkError as err:
             raise DSparkError(f"{source}: {err}") from None
 

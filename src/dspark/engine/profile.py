@@ -6,7 +6,8 @@ call — `target.model(ids, positions, slots, cache, num_new=..., hidden_layers=
 `target.build_cache` — with rows of `context` cached tokens, after a warm-up, and keep the median
 of a few repeats. The B-only curve packs B tokens into the fewest rows; with `rows`, each request
 count R also gets its own curve in the engine's shape, R rows of 1 + e tokens for e = 0..block_size
-(`CostTable.by_rows`). The optional drafter cost (one `propose` for R requests) goes into `meta`.
+(`CostTable.by_rows`), and the cost of a padded token (`CostTable.padding`): one row of
+block_size + 1 tokens next to R - 1 rows of one, against the uniform curve at the same B. The optional drafter cost (one `propose` for R requests) goes into `meta`.
 """
 
 from __future__ import annotations
@@ -170,6 +171,14 @@ def profile_target(
     table = curve(points, [measured[str(b)] for b in points])
     by_rows = {r: curve([sum(lengths) for lengths in shapes], [measured[f"{r}x{lengths[0]}"] for lengths in shapes])
                for r, shapes in shaped.items()}
+    # Padding: one row of K+1 tokens and R-1 rows of one, against the uniform curve at the same B.
+    padding = {}
+    for r in row_counts:
+        if r >= 2 and block_size >= 1:
+            ragged, label = [block_size + 1] + [1] * (r - 1), f"{r}x1+{block_size}"
+            measured[label] = seconds_per_step(ragged, label)
+            extra = measured[label] - by_rows[r].time_at(sum(ragged))
+            padding[r] = max(0.0, extra / (r * (block_size + 1) - sum(ragged)))
     meta = {
         "device": _device_name(device), "torch": torch.__version__, "dtype": str(target.model.dtype).removeprefix("torch."),
         "target": target.spec, "target_fingerprint": target.fingerprint, "context": context,
@@ -182,7 +191,7 @@ def profile_target(
         meta["drafter"] = getattr(drafter, "name", type(drafter).__name__)
         meta["drafter_propose_s"] = profile_drafter(target, drafter, drafter_requests, context, block_size,
                                                     repeats, warmup, seed)
-    return CostTable(table.tokens, table.sps, meta, tuple(by_rows.items()))
+    return CostTable(table.tokens, table.sps, meta, tuple(by_rows.items()), tuple(padding.items()))
 
 
 @torch.inference_mode()

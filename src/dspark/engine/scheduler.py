@@ -18,7 +18,9 @@ exception is `scheduled_lengths(..., early_stop=False)`, kept to demonstrate App
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -29,7 +31,7 @@ from dspark.errors import DSparkError
 __all__ = [  # CostTable lives in dspark.engine.cost and is re-exported here
     "POLICY_NAMES", "AsyncScheduledPolicy", "CostTable", "FixedPolicy", "NonePolicy", "OnlineAcceptance",
     "DraftGate", "EstimatedPolicy", "ScheduledPolicy", "ThresholdPolicy", "async_budget", "build_policy", "fixed_lengths", "proposal_inputs",
-    "scheduled_lengths", "threshold_lengths", "top_k_lengths",
+    "level_lengths", "scheduled_lengths", "threshold_lengths", "top_k_lengths",
 ]
 
 Confidences = Sequence[Sequence[float]]  # per request, per position (at least max_lengths[r] values)
@@ -111,6 +113,48 @@ def _greedy_path(candidates: Sequence[tuple[float, int, int]], num_rows: int, co
     return best_n
 
 
+def level_lengths(confidences: Confidences, max_lengths: Sequence[int], cost: CostTable) -> list[int]:
+    """Admission level by level, for engines that pay for padding (`cost.padding`).
+
+    A padded round costs t(B) + c * (R * width - B): the first request to verify a j-th draft
+    pays for the padding of every other row, the next ones fill it almost for free. Algorithm 1's
+    early stop would halt at that first, expensive admission. Here draft position j is a level:
+    among the requests that verify j - 1 drafts and drafted a j-th, the k with the highest
+    survival a_{r,j} are admitted, k chosen to maximise Theta = tau / round_time; the search ends at
+    the first level where no k > 0 raises Theta. Lossless by the same argument as Algorithm 1's
+    early stop: whether request r verifies draft j depends on survivals a_{., <=j}, which depend on
+    drafts before j only, never on x_{r,j}.
+    """
+    rows = len(max_lengths)
+    survival = []
+    for r in range(rows):
+        a, out = 1.0, []
+        for c in _row(confidences, max_lengths, r):
+            a *= c
+            out.append(a)
+        survival.append(out)
+    lengths = [0] * rows
+    tau, tokens = float(rows), rows
+    best = tau / cost.round_time(tokens, rows, 1)
+    for j in range(1, max(max_lengths, default=0) + 1):
+        level = sorted(((survival[r][j - 1], r) for r in range(rows)
+                        if lengths[r] == j - 1 and max_lengths[r] >= j and survival[r][j - 1] > 0.0),
+                       key=lambda t: (-t[0], t[1]))
+        best_k, gain = 0, 0.0
+        for k, (a, _) in enumerate(level, 1):
+            gain += a
+            theta = (tau + gain) / cost.round_time(tokens + k, rows, j + 1)
+            if theta > best:
+                best, best_k = theta, k
+        if best_k == 0:
+            break
+        for a, r in level[:best_k]:
+            lengths[r] = j
+            tau += a
+        tokens += best_k
+    return lengths
+
+
 def scheduled_lengths(confidences: Confidences, max_lengths: Sequence[int], cost: CostTable,
                       early_stop: bool = True) -> list[int]:
     """Algorithm 1 (hardware-aware prefix scheduler), exactly, with early stop.
@@ -130,6 +174,8 @@ def scheduled_lengths(confidences: Confidences, max_lengths: Sequence[int], cost
     * more requests never lengthen an existing request's verification (tests/test_scheduler.py
       states the proof). With a cliff in t (wave quantisation) both can fail.
     """
+    if cost.padding and early_stop:  # the engine pays for padding: admit level by level
+        return level_lengths(confidences, max_lengths, cost)
     candidates = _candidates(confidences, max_lengths)
     n = _greedy_path(candidates, len(max_lengths), cost, early_stop)
     return _lengths_of(candidates[:n], len(max_lengths))
@@ -307,12 +353,13 @@ class DraftGate:
         # Algorithm 1's admission on the estimates: the admitted candidates' survivals are the
         # expected accepted drafts, their count the verified ones.
         keys = keys if keys is not None else [None] * rows
-        candidates = _candidates([self.acceptance.estimate(m, k) for m, k in zip(max_lengths, keys)], max_lengths)
-        admitted = candidates[: _greedy_path(candidates, rows, self.cost, early_stop=True)]
-        expected = sum(a for a, _, _ in admitted)
-        speculative = (rows + expected) / (self.cost.time_at(rows + len(admitted), rows) + draft_seconds)
+        estimates = [self.acceptance.estimate(m, k) for m, k in zip(max_lengths, keys)]
+        lengths = scheduled_lengths(estimates, max_lengths, self.cost)
+        expected = sum(sum(itertools.accumulate(e[:n], operator.mul)) for e, n in zip(estimates, lengths))
+        verify_time = self.cost.round_time(rows + sum(lengths), rows, 1 + max(lengths))
+        speculative = (rows + expected) / (verify_time + draft_seconds)
         was_probing = self.closed_rounds == 0 and not self.is_open
-        self.is_open = speculative > rows / self.cost.time_at(rows, rows)
+        self.is_open = speculative > rows / self.cost.round_time(rows, rows, 1)
         if self.is_open:
             self.closed_rounds, self.wait = 0, self.probe_every
             return True

@@ -195,7 +195,7 @@ def _run(name: str, policy, source: _Source, cost: CostTable, concurrency: int, 
         accepted = [min(r.accepted, n) for r, n in zip(current, lengths)]
         if record is not None:
             record(lengths, accepted, keys)
-        seconds += cost.time_at(concurrency + sum(lengths), concurrency)
+        seconds += cost.round_time(concurrency + sum(lengths), concurrency, 1 + max(lengths, default=0))
         committed += sum(accepted) + concurrency
         verified += sum(lengths)
         for i, lifetime in enumerate(active):
