@@ -116,12 +116,16 @@ def test_statistics_add_up(target):
 VOCAB4_PROMPT = [0, 2, 3, 2]
 
 
+def vocab4_models(root, family: str):
+    """A target and a draft model (fp64) over a 4-token vocabulary, for exact distribution tests."""
+    tgt = load_model(str(save_tiny_model(root / "t", family, seed=1, vocab_size=4, initializer_range=0.6)), "fp64")
+    drf = load_model(str(save_tiny_model(root / "d", family, seed=2, vocab_size=4, initializer_range=0.6)), "fp64")
+    return tgt, drf
+
+
 @pytest.fixture(scope="module")
 def vocab4(tmp_path_factory):
-    root = tmp_path_factory.mktemp("vocab4")
-    tgt = load_model(str(save_tiny_model(root / "t", "llama", seed=1, vocab_size=4, initializer_range=0.6)), "fp64")
-    drf = load_model(str(save_tiny_model(root / "d", "llama", seed=2, vocab_size=4, initializer_range=0.6)), "fp64")
-    return tgt, drf
+    return vocab4_models(tmp_path_factory.mktemp("vocab4"), "llama")
 
 
 def exact_joint(model, prompt, params: SamplingParams, num_tokens: int) -> dict[tuple, float]:

@@ -25,9 +25,9 @@ from dspark.engine.simulate import load_trace, plot_simulation, save_trace, simu
 from dspark.engine.verify import residual_probs
 from dspark.errors import DSparkError
 from dspark.models.target import load_model
-from tests.conftest import save_tiny_model, tv_bound
+from tests.conftest import tv_bound
 from tests.test_drafters import make
-from tests.test_engine import DIST_CASES, VOCAB4_PROMPT, exact_joint, expected_greedy
+from tests.test_engine import DIST_CASES, VOCAB4_PROMPT, exact_joint, expected_greedy, vocab4_models
 
 TWO_ROWS = [[0.9, 0.5], [0.6, 0.9]]  # survival a: row 0 (0.9, 0.45), row 1 (0.6, 0.54)
 
@@ -348,10 +348,7 @@ def test_greedy_identity_with_every_policy(qwen3_target, drafter_kind, spec):
 
 @pytest.fixture(scope="module")
 def vocab4_pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("v4s")
-    tgt = load_model(str(save_tiny_model(root / "t", "qwen3", seed=1, vocab_size=4, initializer_range=0.6)), "fp64")
-    drf = load_model(str(save_tiny_model(root / "d", "qwen3", seed=2, vocab_size=4, initializer_range=0.6)), "fp64")
-    return tgt, drf
+    return vocab4_models(tmp_path_factory.mktemp("v4s"), "qwen3")
 
 
 def confident_dspark(target):

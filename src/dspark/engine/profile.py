@@ -56,7 +56,7 @@ def convex_times(tokens: Sequence[int], seconds: Sequence[float]) -> list[float]
                 break
         hull.append(i)
     out = []
-    for i, b in enumerate(tokens):
+    for b in tokens:
         j = max(k for k in range(len(hull)) if tokens[hull[k]] <= b)
         if tokens[hull[j]] == b:
             out.append(seconds[hull[j]])

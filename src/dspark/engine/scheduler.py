@@ -126,20 +126,14 @@ def level_lengths(confidences: Confidences, max_lengths: Sequence[int], cost: Co
     drafts before j only, never on x_{r,j}.
     """
     rows = len(max_lengths)
-    survival = []
-    for r in range(rows):
-        a, out = 1.0, []
-        for c in _row(confidences, max_lengths, r):
-            a *= c
-            out.append(a)
-        survival.append(out)
+    levels: dict[int, list[tuple[float, int]]] = {}  # j -> (a_{r,j}, r), a descending, ties by r
+    for a, r, j in _candidates(confidences, max_lengths):
+        levels.setdefault(j, []).append((a, r))
     lengths = [0] * rows
     tau, tokens = float(rows), rows
     best = tau / cost.round_time(tokens, rows, 1)
-    for j in range(1, max(max_lengths, default=0) + 1):
-        level = sorted(((survival[r][j - 1], r) for r in range(rows)
-                        if lengths[r] == j - 1 and max_lengths[r] >= j and survival[r][j - 1] > 0.0),
-                       key=lambda t: (-t[0], t[1]))
+    for j in range(1, len(levels) + 1):  # a row with a candidate at j has one at every j' < j
+        level = [(a, r) for a, r in levels[j] if lengths[r] == j - 1]
         best_k, gain = 0, 0.0
         for k, (a, _) in enumerate(level, 1):
             gain += a

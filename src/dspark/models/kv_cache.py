@@ -66,6 +66,14 @@ def build_kv_cache(
     return KVCache(keys, values, max_seq_len)
 
 
+def real_token_index(num_new: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Flat [B * N] indices of the first num_new[b] of each row's N tokens; None when no row is short."""
+    if num_new is None or int(num_new.min()) >= n:
+        return None
+    real = torch.arange(n, device=num_new.device)[None, :] < num_new[:, None]
+    return real.flatten().nonzero().squeeze(1)
+
+
 def write_rows(buffer: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, new: torch.Tensor,
                num_new: torch.Tensor | None = None) -> None:
     """buffer[slots[b], :, positions[b, i]] = new[b, i] for i < num_new[b] (every i when None).
@@ -75,8 +83,9 @@ def write_rows(buffer: torch.Tensor, slots: torch.Tensor, positions: torch.Tenso
     write past the buffer (a request that joins with its whole prompt next to one deep in its
     answer, or one whose drafting was skipped for many rounds).
     """
-    if num_new is None or int(num_new.min()) >= positions.shape[1]:
+    index = real_token_index(None if num_new is None else num_new.to(positions.device), positions.shape[1])
+    if index is None:
         buffer[slots[:, None], :, positions] = new
         return
-    real = torch.arange(positions.shape[1], device=positions.device)[None, :] < num_new.to(positions.device)[:, None]
-    buffer[slots[:, None].expand_as(positions)[real], :, positions[real]] = new[real]
+    flat_slots = slots[:, None].expand_as(positions).reshape(-1)[index]
+    buffer[flat_slots, :, positions.reshape(-1)[index]] = new.reshape(-1, *new.shape[2:])[index]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.errors import DSparkError
-from dspark.models.kv_cache import KVCache
+from dspark.models.kv_cache import KVCache, real_token_index
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -223,14 +223,6 @@ class Attention(nn.Module):
         return self.o_proj(ctx.pack_rows(out.transpose(1, 2).reshape(bsz, n, heads * self.head_dim)))
 
 
-def _pack_index(num_new: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """Flat [B * N] indices of the first num_new[b] tokens of each row; None when no row is short."""
-    if num_new is None or int(num_new.min()) >= n:
-        return None
-    real = torch.arange(n, device=num_new.device)[None, :] < num_new[:, None]
-    return real.flatten().nonzero().squeeze(1)
-
-
 def _fuse(linears: tuple[nn.Linear, ...], attr: str) -> torch.Tensor:
     """Concatenate the linears' `attr` ("weight" or "bias") and make each one a view of the result."""
     fused = torch.cat([getattr(lin, attr).detach() for lin in linears], dim=0)
@@ -350,7 +342,7 @@ class Transformer(nn.Module):
         self, positions: torch.Tensor, slots: torch.Tensor, cache: KVCache, num_new: torch.Tensor | None = None
     ) -> ForwardContext:
         """positions [B, N] (row b's N new tokens), slots [B]; num_new [B] real tokens per row."""
-        pack = _pack_index(None if num_new is None else num_new.to(positions.device), positions.shape[1])
+        pack = real_token_index(None if num_new is None else num_new.to(positions.device), positions.shape[1])
         # Keys up to the last real position (padding may point past the buffer; it is never written).
         num_keys = int((positions if pack is None else positions.reshape(-1)[pack]).max()) + 1
         cos, sin = rope_tables(positions, self.inv_freq, self.rope_scale, self.dtype)
@@ -411,11 +403,11 @@ class Transformer(nn.Module):
             if i in wanted:
                 captured[i] = x
         x = self.model.norm(x)
-        bsz, n = input_ids.shape
         if last_only:
             if ctx.pack is not None:
                 x = x[torch.cumsum(num_new.to(x.device), 0) - 1][:, None]
             else:
+                bsz, n = input_ids.shape
                 last = (num_new - 1) if num_new is not None else torch.full((bsz,), n - 1)
                 x = x[torch.arange(bsz), last][:, None]
         elif not compute_logits:
