@@ -3,12 +3,18 @@
 Measured side by side in one run, on SmolLM2-135M (bf16), greedy, one engine per (R, policy):
   1. the target's cost table SPS(B) (verify forwards of B tokens, profiled first, with one curve per
      concurrency R in the engine's shape: R rows of 1..K+1 tokens);
-  2. for each concurrency R and policy — `none` (plain decoding, no drafter), `fixed:3`,
-     `fixed:7`, `scheduled` (Algorithm 1 on the profiled table; `--policies` adds `async`) — steady-state
-     continuous batching: R requests in flight, a finished one replaced at once by the next prompt
-     (as a server under constant load), until `--requests-per-level` x R have been admitted.
-     Aggregate tokens/s is counted over that window (prefills included, the drain at the end
-     excluded); per-user tokens/s is the mean over finished requests.
+  2. for each concurrency R and policy — `none` (plain decoding, no drafter), `fixed:3`, `fixed:7`,
+     `scheduled` (Algorithm 1 on the profiled table; `--policies` adds `async`) — continuous
+     batching: R requests in flight, a finished one replaced at once by the next prompt (as a server
+     under constant load), max(`--requests-per-level` x R, `--min-requests`) requests in all. Each
+     asks for its own number of new tokens, drawn once per level uniformly in [N/2, 3N/2] for
+     N = `--max-new-tokens` and the same for every policy, so that requests do not finish in
+     lockstep (in lockstep, where a measuring window ends decides how many prefills it holds).
+     Aggregate tokens/s = all generated tokens / the whole run's time, prefills and the final drain
+     included, as vLLM's serving benchmark counts it; per-user tokens/s is the mean over requests.
+     Every policy generates the same number of tokens; the share of requests whose text equals the
+     level's first run (plain decoding) is reported: bf16 logits depend slightly on the batch's
+     shape, so greedy texts can part at a near tie, and with them what there is to draft.
      Goal: scheduled >= the best of the others at every R, and never below no speculation;
   3. the fixed:7 rounds as a trace, replayed by the simulator at up to 256 concurrent requests on
      the measured table and on a synthetic GPU-shaped table (flat to a knee, then linear).
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
@@ -49,34 +56,37 @@ POLICIES = ("none", "fixed:3", "fixed:7", "scheduled")  # --policies adds e.g. a
 BLOCK = 7
 
 
-def run_level(target, drafter, policy, prompts: list[list[int]], concurrency: int, num_requests: int,
-              max_new: int) -> dict:
-    """Keep `concurrency` requests in flight until `num_requests` have been admitted."""
+def new_token_counts(num_requests: int, max_new: int, seed: int = 0) -> list[int]:
+    """Each request's number of new tokens, uniform in [max_new / 2, 3 max_new / 2] (fixed by seed)."""
+    rng = random.Random(seed)
+    return [rng.randint(max(1, max_new // 2), max(1, 3 * max_new // 2)) for _ in range(num_requests)]
+
+
+def run_level(target, drafter, policy, prompts: list[list[int]], concurrency: int, lengths: list[int]) -> dict:
+    """Keep `concurrency` requests in flight until len(lengths) requests (request i asks for
+    lengths[i] new tokens) have finished."""
     engine = Engine(target, drafter, EngineConfig(block_size=BLOCK, max_batch_size=concurrency,
-                                                  max_seq_len=max(map(len, prompts)) + max_new + 1))
-    requests = [Request(prompts[i % len(prompts)], SamplingParams(0.0), StopParams(max_new, ignore_eos=True), request_id=i)
-                for i in range(num_requests)]
+                                                  max_seq_len=max(map(len, prompts)) + max(lengths) + 1))
+    requests = [Request(prompts[i % len(prompts)], SamplingParams(0.0), StopParams(n, ignore_eos=True), request_id=i)
+                for i, n in enumerate(lengths)]
     queue = iter(requests)
-    for _ in range(min(concurrency, num_requests)):
+    for _ in range(min(concurrency, len(requests))):
         engine.add_request(next(queue))
-    outs, window = [], None
+    outs = []
     start = time.perf_counter()
-    left = num_requests - concurrency
     while engine.has_unfinished():
         for out in engine.step(policy):
             outs.append(out)
-            if left > 0:
-                engine.add_request(next(queue))
-                left -= 1
-                if left == 0:  # every request is in: from here on the batch only drains, not steady load
-                    window = (time.perf_counter() - start, sum(o.stats.num_generated for o in outs)
-                              + sum(len(t) for _, t in engine.running_tokens()))
-    wall_s, tokens = window or (time.perf_counter() - start, sum(o.stats.num_generated for o in outs))
+            following = next(queue, None)
+            if following is not None:
+                engine.add_request(following)
+    wall_s = time.perf_counter() - start
+    tokens = sum(o.stats.num_generated for o in outs)
     rounds = sum(o.stats.rounds for o in outs)
     return {"tokens_per_s": tokens / wall_s, "per_user_tokens_per_s": sum(o.stats.tokens_per_second for o in outs) / len(outs),
             "accept_length": sum(o.stats.committed_in_rounds for o in outs) / max(rounds, 1),
-            "verified_per_round": sum(o.stats.num_verified for o in outs) / max(rounds, 1), "window_s": wall_s,
-            "window_tokens": tokens, "stats": [o.stats for o in outs]}
+            "verified_per_round": sum(o.stats.num_verified for o in outs) / max(rounds, 1), "wall_s": wall_s,
+            "tokens": tokens, "stats": [o.stats for o in outs], "texts": {o.request_id: o.token_ids for o in outs}}
 
 
 def plot_throughput(results: dict, path: Path) -> None:
@@ -103,8 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--drafter", default="ngram", help="ngram or a drafter folder")
     parser.add_argument("--concurrency", default="1,2,4,8,16")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--requests-per-level", type=int, default=4, help="requests admitted per level, times R")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="mean new tokens per request")
+    parser.add_argument("--requests-per-level", type=int, default=4, help="requests per level, times R")
+    parser.add_argument("--min-requests", type=int, default=16, help="at least this many requests per level")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (profile and runs alike)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per (R, policy), interleaved; the median is kept")
     parser.add_argument("--policies", default=",".join(POLICIES), help="measured policies (comma-separated specs)")
@@ -118,7 +129,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     target = load_model("smollm2-135m", "bf16")
     drafter = build_drafter(args.drafter, target)
-    num_prompts = max(levels) * args.requests_per_level
+    num_prompts = max(max(levels) * args.requests_per_level, args.min_requests)
     prompts_all = [encode_messages(target.tokenizer, list(p.messages)) for p in read_prompts([args.prompts])[:num_prompts]]
 
     most = max(levels) * (BLOCK + 1)
@@ -136,20 +147,24 @@ def main() -> None:
     results: dict = {spec: {} for spec in policies}
     traces = []
     for c in levels:
-        prompts = prompts_all[: c * args.requests_per_level]
+        lengths = new_token_counts(max(c * args.requests_per_level, args.min_requests), args.max_new_tokens, seed=c)
+        prompts = prompts_all[: len(lengths)]
         runs: dict = {spec: [] for spec in policies}
+        reference = None  # the first run's texts, which every other run is compared with
         for repeat in range(args.repeats):
             # Each repeat starts the rotation one policy later: none always runs first or last.
             for spec in policies[repeat % len(policies):] + policies[: repeat % len(policies)]:
                 d = NoDrafter() if spec == "none" else build_drafter(args.drafter, target)
-                r = run_level(target, d, build_policy(spec, BLOCK, cost), prompts, c, c * args.requests_per_level,
-                              args.max_new_tokens)
-                stats = r.pop("stats")
+                r = run_level(target, d, build_policy(spec, BLOCK, cost), prompts, c, lengths)
+                stats, texts = r.pop("stats"), r.pop("texts")
+                reference = reference or texts
+                r["same_text"] = sum(texts[i] == reference[i] for i in texts) / len(texts)
                 if spec == "fixed:7" and repeat == 0:
                     traces += trace_from_stats(stats, [f"{c}:{i}" for i in range(len(stats))])
                 runs[spec].append(r)
                 print(f"R={c:3d} {spec:10s} {r['tokens_per_s']:7.1f} tok/s  per user {r['per_user_tokens_per_s']:6.1f}  "
-                      f"tau {r['accept_length']:.2f}  verified/round {r['verified_per_round']:.2f}", flush=True)
+                      f"tau {r['accept_length']:.2f}  verified/round {r['verified_per_round']:.2f}  "
+                      f"same text as the first run {r['same_text']:.0%}", flush=True)
         for spec, rs in runs.items():  # the median repeat (by aggregate tokens/s) stands for the level
             r = dict(sorted(rs, key=lambda x: x["tokens_per_s"])[len(rs) // 2])
             r["tokens_per_s_runs"] = [x["tokens_per_s"] for x in rs]

@@ -15,7 +15,7 @@ import torch
 from dspark.config import EngineConfig, SamplingParams, StopParams
 from dspark.drafters.draft_model import DraftModelDrafter
 from dspark.drafters.simple import NgramDrafter
-from dspark.engine.engine import Engine, Request
+from dspark.engine.engine import Engine, Request, verify_all
 from dspark.engine.profile import convex_times, even_rows, profile_target
 from dspark.engine.scheduler import (
     AsyncScheduledPolicy, CostTable, DraftGate, EstimatedPolicy, NonePolicy, OnlineAcceptance, ScheduledPolicy,
@@ -205,14 +205,32 @@ def test_online_acceptance_counts_conditional_trials():
     assert est.estimate(2) == [0.5, 0.5]  # Beta(1, 1) prior
     est.update([3, 3, 1, 0], [3, 1, 0, 0])  # rows: all accepted; j2 rejected; j1 rejected; none verified
     assert est.trials == [3, 2, 1] and est.accepts == [2, 1, 1]
-    assert est.estimate(4) == pytest.approx([3 / 5, 2 / 4, 2 / 3, 1 / 2])
+    # Position 1: Beta(1, 1). Deeper: a prior of the same weight (2 trials) centred on acceptance
+    # given survival pooled over positions 2.. (here (1 + 1 + 1) / (2 + 1 + 2) = 3/5).
+    deep = 3 / 5
+    assert est.estimate(4) == pytest.approx([3 / 5, (1 + 2 * deep) / 4, (1 + 2 * deep) / 3, deep])
+
+
+def test_online_acceptance_starts_rarely_verified_deep_positions_from_the_shallower_ones():
+    """n-gram drafts are all or nothing: once two are accepted the rest usually are. A deep position
+    the scheduler has not verified yet must not sit at a flat 0.5 (then it would never be verified
+    and never learned): it starts from what positions 2.. say."""
+    est = OnlineAcceptance()
+    est.update([3] * 20 + [3] * 60, [3] * 20 + [0] * 60)  # copies accepted whole, the rest rejected at once
+    c = est.estimate(7)
+    assert c[0] == pytest.approx(21 / 82)
+    assert c[3:] == pytest.approx([(40 + 1) / (40 + 2)] * 4)  # never verified: the deep pooled estimate
+    assert min(c[1:]) > 0.9
+    flat = OnlineAcceptance(alpha=1.0, beta=1.0)
+    assert flat.estimate(3) == [0.5, 0.5, 0.5]  # before any evidence, the prior everywhere
 
 
 def test_online_acceptance_keeps_per_request_estimates_shrunk_to_the_pooled_one():
     est = OnlineAcceptance(decay=1.0, request_prior=4.0, request_decay=1.0)
     est.update([2, 2], [2, 0], keys=["copy", "prose"])  # 'copy' accepted both drafts, 'prose' none
     pooled = est.estimate(2)
-    assert pooled == pytest.approx([(1 + 1) / (2 + 2), (1 + 1) / (1 + 2)])
+    deep = (1 + 1) / (1 + 2)  # position 2's prior mean: acceptance given survival, positions 2..
+    assert pooled == pytest.approx([(1 + 1) / (2 + 2), (1 + 2 * deep) / (1 + 2)])
     assert est.estimate(2, "copy") == pytest.approx([(1 + 4 * pooled[0]) / 5, (1 + 4 * pooled[1]) / 5])
     assert est.estimate(2, "prose") == pytest.approx([(0 + 4 * pooled[0]) / 5, pooled[1]])  # j2 never tried
     assert est.estimate(2, "new") == pooled  # no history: the pooled estimate
@@ -253,6 +271,44 @@ def test_a_probe_round_verifies_at_least_one_draft_per_request():
     assert policy.decide([None] * 3, [4, 0, 2], [0, 1, 2]) == [1, 0, 1]
     assert policy.plan(requests, 0.02) == [0, 0, 0] and not policy.gate.probing
     assert policy.decide([None] * 3, [4, 0, 2], [0, 1, 2]) == [0, 0, 0]
+
+
+def test_a_probe_drafts_for_a_few_requests_in_turn():
+    """Probing every request costs a weak drafter's whole batch of drafts; a sample tells as much."""
+    cost = table({1: 100.0, 2: 50.0})
+    policy = ScheduledPolicy(cost, draft_gate=True)
+    policy.gate.probe_every = policy.gate.wait = policy.gate.max_probe_every = 1
+    policy.gate.probe_rows = 2
+    policy.acceptance.update([4] * 50, [0] * 50)  # looks hopeless: every round is a probe
+    caps = [4, 0, 4, 3, 4]  # request 1 can draft nothing (its answer is nearly done)
+    requests = [type("R", (), {"max_tokens": c, "uid": i})() for i, c in enumerate(caps)]
+    probes = [policy.plan(requests, 0.02) for _ in range(3)]
+    assert all(policy.gate.probing for _ in probes)
+    assert probes == [[4, 0, 4, 0, 0], [0, 0, 0, 3, 4], [4, 0, 4, 0, 0]]  # two of the four able, in turn
+    few = [type("R", (), {"max_tokens": 4, "uid": i})() for i in range(2)]
+    assert policy.plan(few, 0.02) == [4, 4]  # no more than probe_rows: all of them
+    with pytest.raises(DSparkError, match="probe_rows"):
+        DraftGate(cost, OnlineAcceptance(), probe_rows=0)
+
+
+def test_the_engine_times_drafting_only_in_rounds_where_every_request_drafts(qwen3_target):
+    """The draft gate weighs drafting for every request; a probe round drafting for a few would
+    make drafting look cheaper than it is."""
+    engine = Engine(qwen3_target, NgramDrafter(), EngineConfig(block_size=3, max_batch_size=2, max_seq_len=64))
+    for i in range(2):
+        engine.add_request(Request([1, 2, 3, 1, 2, 3, 1, 2], SamplingParams(0.0), StopParams(20, ignore_eos=True)))
+
+    class OneRow:
+        def plan(self, requests, draft_seconds):
+            return [requests[0].max_tokens] + [0] * (len(requests) - 1)
+
+        def __call__(self, requests, proposals):
+            return [0] * len(requests)
+
+    engine.step(OneRow())
+    assert engine._draft_s is None
+    engine.step(verify_all)
+    assert engine._draft_s is not None
 
 
 def test_estimates_that_stopped_verifying_are_tried_again():

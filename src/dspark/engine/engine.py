@@ -251,6 +251,7 @@ class Engine:
         requests = [
             DraftRequest(s.slot, s.tokens, self._max_drafts(s), s.request.sampling, s.generator, s.uid) for s in states
         ]
+        able = [r.max_tokens > 0 for r in requests]
         plan = getattr(policy, "plan", None)
         if plan is not None:  # the policy may cap drafting before it happens (past information only)
             for r, cap in zip(requests, plan(requests, self._draft_s)):
@@ -259,7 +260,9 @@ class Engine:
         proposals = self.drafter.propose(requests)
         elapsed = time.perf_counter() - t0
         self.timings.propose_s += elapsed
-        if any(r.max_tokens > 0 for r in requests):  # recent draft time per round, for plan()
+        # The recent draft time of a round where every request that could draft did, for plan()
+        # (which weighs drafting for all of them; a round drafting for a few would understate it).
+        if any(able) and all(r.max_tokens > 0 for r, a in zip(requests, able) if a):
             self._draft_s = elapsed if self._draft_s is None else 0.8 * self._draft_s + 0.2 * elapsed
         lengths = list(policy(requests, proposals))
         for r, p, n in zip(requests, proposals, lengths):

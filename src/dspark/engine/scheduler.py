@@ -192,8 +192,15 @@ class OnlineAcceptance:
     """Per-position conditional acceptance learned from past rounds, for drafters that give no
     confidences (n-gram, DFlash, Eagle3, draft models), and for the draft gate.
 
-    Pooled over requests, c_j is the posterior mean of P(draft j accepted | drafts < j accepted)
-    under a Beta(alpha, beta) prior (default Beta(1, 1): 0.5 before any evidence). Old evidence
+    Pooled over requests, c_j is the posterior mean of P(draft j accepted | drafts < j accepted).
+    Position 1 has a Beta(alpha, beta) prior (default Beta(1, 1): 0.5 before any evidence); position
+    j > 1 has a prior of the same weight (alpha + beta trials) centred on the estimate of position
+    j - 1, so a deep position that has rarely been verified starts from what the shallower ones
+    say rather than from a flat 0.5. This matters: acceptance given survival is usually higher deep
+    in a block than at its start (an n-gram copy that got two tokens right tends to get all seven),
+    and since estimates only learn where something is verified, a pessimistic prior on positions
+    the scheduler then never verifies would stay pessimistic for ever; an optimistic one is tried
+    and corrected. (The method estimates nothing here: its drafters give confidences.) Old evidence
     fades: each round that verified something first multiplies the pooled counts by `decay`, so the
     estimates follow the traffic (effective memory ~1 / (1 - decay) rounds). Each request also keeps
     its own counts, shrunk towards the pooled estimate with the weight of `request_prior` trials:
@@ -227,11 +234,16 @@ class OnlineAcceptance:
         """Estimates for positions 1..length: pooled, or request `key`'s when it has history."""
         own = self.requests.get(key) if key is not None else None
         out = []
+        weight = self.alpha + self.beta
+        # Prior means: Beta(alpha, beta)'s for position 1; for deeper positions, the acceptance
+        # given survival pooled over all of them (under the same prior).
+        deep = (sum(self.accepts[1:]) + self.alpha) / (sum(self.trials[1:]) + weight)
         for j in range(length):
             n, s = (self.trials[j], self.accepts[j]) if j < len(self.trials) else (0.0, 0.0)
-            p = (s + self.alpha) / (n + self.alpha + self.beta)
+            pooled = (s + weight * (deep if j else self.alpha / weight)) / (n + weight)
+            p = pooled
             if own is not None and j < len(own[0]):
-                p = (own[1][j] + self.request_prior * p) / (own[0][j] + self.request_prior)
+                p = (own[1][j] + self.request_prior * pooled) / (own[0][j] + self.request_prior)
             out.append(p)
         return out
 
@@ -322,16 +334,22 @@ class DraftGate:
     per-position acceptance of past rounds, (R + expected accepted) / (t(B) + draft time), where
     the draft time is what the engine measured on recent rounds. Closed, it still lets a round
     draft after `probe_every` closed rounds, so the estimates follow the traffic; each probe that
-    finds it still closed doubles the wait (up to `max_probe_every`), and a probe round verifies at
-    least one draft of every request (`probing`), or pessimistic estimates could never be revised.
+    finds it still closed doubles the wait (up to `max_probe_every`). A probe drafts for
+    `probe_rows` requests only, taken in turn (a sample is enough to tell whether drafting pays
+    again, and a probe of every request cost a weak DSpark drafter ~2% of plain decoding's
+    throughput at 16 requests), and verifies at least one draft of each (`probing`), or
+    pessimistic estimates could never be revised.
     Lossless: it uses past rounds only, only lowers how many tokens a drafter may propose, and a
     probe's forced length is fixed before anything is drafted.
     """
 
     def __init__(self, cost: CostTable, acceptance: OnlineAcceptance, probe_every: int = 16,
-                 max_probe_every: int = 256):
+                 max_probe_every: int = 256, probe_rows: int = 4):
         if not 1 <= probe_every <= max_probe_every:
             raise DSparkError(f"need 1 <= probe_every <= max_probe_every, got {probe_every}, {max_probe_every}")
+        if probe_rows < 1:
+            raise DSparkError(f"probe_rows must be >= 1 request, got {probe_rows}")
+        self.probe_rows, self.probes = probe_rows, 0
         self.cost, self.acceptance = cost, acceptance
         self.probe_every, self.max_probe_every, self.wait = probe_every, max_probe_every, probe_every
         self.closed_rounds = 0
@@ -365,6 +383,16 @@ class DraftGate:
             return True
         return False
 
+    def probe_caps(self, caps: Sequence[int]) -> list[int]:
+        """A probe round's draft caps: `probe_rows` of the requests that can draft, in turn."""
+        able = [i for i, cap in enumerate(caps) if cap > 0]
+        if len(able) <= self.probe_rows:
+            return list(caps)
+        first = self.probes * self.probe_rows
+        self.probes += 1
+        chosen = {able[(first + i) % len(able)] for i in range(self.probe_rows)}
+        return [cap if i in chosen else 0 for i, cap in enumerate(caps)]
+
 
 class EstimatedPolicy:
     """A pure length rule applied to each round's confidences; rows without confidences get
@@ -390,9 +418,11 @@ class EstimatedPolicy:
     def plan(self, requests: Sequence[DraftRequest], draft_seconds: float | None) -> list[int]:
         """Most tokens each request may draft this round (all of them unless the gate is closed)."""
         caps = [r.max_tokens for r in requests]
-        if self.gate is None or self.gate.allow(caps, draft_seconds, [r.uid for r in requests]):
+        if self.gate is None:
             return caps
-        return [0] * len(caps)
+        if not self.gate.allow(caps, draft_seconds, [r.uid for r in requests]):
+            return [0] * len(caps)
+        return self.gate.probe_caps(caps) if self.gate.probing else caps
 
     def decide(self, confidences, max_lengths, keys=None) -> list[int]:
         lengths = self.rule(self.acceptance.fill(confidences, max_lengths, keys), max_lengths)
