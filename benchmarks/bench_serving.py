@@ -17,7 +17,8 @@ Measured side by side in one run, on SmolLM2-135M (bf16), greedy, one engine per
      shape, so greedy texts can part at a near tie, and with them what there is to draft.
      Goal: scheduled >= the best of the others at every R, and never below no speculation;
   3. the fixed:7 rounds as a trace, replayed by the simulator at up to 256 concurrent requests on
-     the measured table and on a synthetic GPU-shaped table (flat to a knee, then linear).
+     the measured table (with the drafter's measured time per round, so the draft gate plays its
+     part) and on a synthetic GPU-shaped table (flat to a knee, then linear; no draft cost).
 
 Torch runs on `--threads` threads (default 1): on a small shared CPU, two threads drift by up to 20%
 between back-to-back identical runs, more than the differences being measured; one is steadier.
@@ -137,7 +138,7 @@ def main() -> None:
     # Profiled at the contexts these requests will have: their mean prompt plus half the new tokens.
     context = round(sum(map(len, prompts_all)) / len(prompts_all) + args.max_new_tokens / 2)
     cost = profile_target(target, points, context=context, block_size=BLOCK, feature_layers=drafter.feature_layers,
-                          rows=levels)
+                          rows=levels, drafter=drafter, drafter_requests=levels)
     cost.save(out / "cost_table.json")
     print("SPS(B):", {b: round(s, 1) for b, s in zip(cost.tokens, cost.sps)})
     for r, curve in cost.by_rows:

@@ -189,9 +189,11 @@ def test_a_drafter_made_for_another_target_is_refused(capsys, tiny_dirs, tmp_pat
 def test_profile_then_simulate(capsys, tiny_dirs, tmp_path):
     cost = tmp_path / "cost.json"
     assert main(["profile", "--target", str(tiny_dirs["llama"]), "--tokens", "1,4,8", "--context", "16",
-                 "--repeats", "2", "--block-size", "3", "--dtype", "fp32", "--out", str(cost)]) == 0
+                 "--repeats", "2", "--block-size", "3", "--dtype", "fp32", "--requests", "1,2", "--drafter", "ngram",
+                 "--out", str(cost)]) == 0
     table = json.loads(cost.read_text())
     assert table["tokens"] == [1, 4, 8] and all(s > 0 for s in table["sps"])
+    assert set(table["meta"]["drafter_propose_s"]) == {"1", "2"}  # the drafter, timed per request count
     trace = tmp_path / "trace.jsonl"
     trace.write_text("".join(json.dumps({"confidences": [0.9, 0.6, 0.3], "accepted": a}) + "\n" for a in (3, 1, 0, 2)))
     capsys.readouterr()
@@ -200,6 +202,11 @@ def test_profile_then_simulate(capsys, tiny_dirs, tmp_path):
     rows = json.loads((tmp_path / "sim" / "simulation.json").read_text())
     assert {(r["policy"], r["concurrency"]) for r in rows} == {(p, c) for p in ("none", "fixed:3", "scheduled") for c in (1, 2)}
     assert (tmp_path / "sim" / "simulation.png").stat().st_size > 0
+    assert main(["simulate", "--profile", str(cost), "--trace", str(trace), "--concurrency", "2", "--no-draft-cost",
+                 "--policies", "fixed:3", "--steps", "8", "--out", str(tmp_path / "free")]) == 0
+    free = json.loads((tmp_path / "free" / "simulation.json").read_text())[0]
+    charged = next(r for r in rows if r["policy"] == "fixed:3" and r["concurrency"] == 2)
+    assert free["tokens_per_s"] > charged["tokens_per_s"]  # the same rounds without the drafter's time
     assert main(["simulate", "--profile", str(cost), "--trace", str(trace), "--policies", "bogus", "--out", str(tmp_path / "s2")]) == 2
     assert "none, fixed" in capsys.readouterr().err
 

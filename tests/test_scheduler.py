@@ -51,6 +51,8 @@ def test_level_admission_fills_the_padding_that_algorithm_1_stops_at():
     # row 1 drafted nothing: row 0 alone would pay row 1's padding, 2.9 / 15 ms < 2 / 10 ms
     assert level_lengths(confidences, [1, 0], cost) == [0, 0]
     assert level_lengths(confidences, [1, 0], CostTable((2, 10), (100.0, 1000 / 18), padding=((2, 0.001),))) == [1, 0]
+    assert async_budget(confidences, [2, 2], cost) == 4  # the async budget is what level admission verifies
+    assert async_budget(confidences, [1, 0], cost) == 0
 
 
 def test_fixed_and_threshold_lengths_by_hand():
@@ -72,6 +74,10 @@ def test_scheduled_lengths_follow_algorithm_1_by_hand():
     assert scheduled_lengths(TWO_ROWS, [2, 2], cost, early_stop=False) == [2, 2]
     assert async_budget(TWO_ROWS, [2, 2], cost) == 4
     assert top_k_lengths(TWO_ROWS, [2, 2], 3) == [1, 2]  # r1 j2 (0.54) before r0 j2 (0.45)
+    deep_first = [[0.9, 0.9], [0.5, 0.9]]  # survival: r0 (0.9, 0.81), r1 (0.5, 0.45)
+    assert top_k_lengths(deep_first, [2, 2], 2) == [2, 0]
+    assert top_k_lengths(deep_first, [2, 2], 2, by_level=True) == [1, 1]  # first drafts before second ones
+    assert top_k_lengths(deep_first, [2, 2], 3, by_level=True) == [2, 1]
     assert scheduled_lengths(TWO_ROWS, [0, 2], cost) == [0, 2]  # caps bound the candidates
     assert scheduled_lengths([], [], cost) == []
 
@@ -440,7 +446,8 @@ def scheduled_tv(target, drafter, policy, joint, num_samples=20_000):
     return tv, tv_bound(list(joint.values()), num_samples)
 
 
-@pytest.mark.parametrize("kind", ["scheduled", "async", "scheduled-online", "scheduled-gated", "scheduled-padded"])
+@pytest.mark.parametrize("kind", ["scheduled", "async", "scheduled-online", "scheduled-gated", "scheduled-padded",
+                                  "async-padded"])
 def test_sequence_distribution_with_scheduled_lengths(vocab4_pair, vocab4_joint, kind):
     """20k seeded samples of 4 tokens (256 sequences): scheduled lengths stay lossless, with DSpark's
     own confidences, with the asynchronous top-K rule, with online per-request estimates (a draft
@@ -453,9 +460,9 @@ def test_sequence_distribution_with_scheduled_lengths(vocab4_pair, vocab4_joint,
         gated = ScheduledPolicy(table({1: 100.0, 512: 100.0, 1024: 60.0, 2048: 10.0}), draft_gate=True)
         gated.gate.probe_every = gated.gate.wait = gated.gate.max_probe_every = 2
         policy = Recorder(gated)
-    elif kind == "scheduled-padded":  # level-by-level admission
+    elif kind.endswith("-padded"):  # level-by-level admission; async: budgets from it, top-K by level
         padded = CostTable(VOCAB4_COST.tokens, VOCAB4_COST.sps, padding=((1, 1e-5),))
-        policy = Recorder(ScheduledPolicy(padded))
+        policy = Recorder(ScheduledPolicy(padded) if kind == "scheduled-padded" else AsyncScheduledPolicy(padded))
     else:
         policy = Recorder(ScheduledPolicy(VOCAB4_COST))
     tv, bound = scheduled_tv(target, drafter, policy, vocab4_joint)
@@ -658,6 +665,33 @@ def test_simulated_scheduler_verifies_every_useful_draft_on_a_flat_table_and_les
     by = {(r.policy, r.concurrency): r for r in simulate(trace, steep, ["fixed", "scheduled"], [1, 16], steps=30)}
     for c in (1, 16):
         assert by["scheduled", c].mean_verified < by["fixed", c].mean_verified
+
+
+def test_cost_table_reads_the_drafters_time_per_request_count():
+    cost = CostTable.flat(10.0, drafter_propose_s={"1": 0.01, "4": 0.02, "16": 0.05})
+    assert [cost.draft_time(r) for r in (1, 2, 4, 16, 32)] == pytest.approx([0.01, 0.04 / 3, 0.02, 0.05, 0.09])
+    assert CostTable.flat(10.0).draft_time(4) is None  # profiled without a drafter
+    assert CostTable.flat(10.0, drafter_propose_s={"2": 0.01}).draft_time(8) == 0.01
+    with pytest.raises(DSparkError, match="drafter_propose_s"):
+        CostTable.flat(10.0, drafter_propose_s={"x": 0.01}).draft_time(1)
+    with pytest.raises(DSparkError, match="drafter_propose_s"):
+        CostTable.flat(10.0, drafter_propose_s={"1": -1.0}).draft_time(1)
+
+
+def test_simulated_draft_cost_and_draft_gate():
+    """With the drafter's time in the table, drafting that is never accepted costs every round; a
+    gated scheduler stops drafting and comes back to within a few probes of plain decoding."""
+    hopeless = [{"confidences": [], "proposed": 4, "accepted": 0, "request": i // 8} for i in range(400)]
+    cost = CostTable.gpu_shaped(knee=64, base_ms=10.0, ms_per_token=0.1, drafter_propose_s={"1": 0.004, "8": 0.006})
+    policies = ["none", "fixed", "scheduled"]
+    by = {(r.policy, r.concurrency): r for r in simulate(hopeless, cost, policies, [1, 8], steps=200)}
+    free = {(r.policy, r.concurrency): r for r in simulate(hopeless, cost, policies, [1, 8], steps=200, draft_cost=False)}
+    for c, draft_ms in ((1, 4.0), (8, 6.0)):
+        assert by["none", c].speedup == pytest.approx(1.0)
+        assert by["fixed", c].speedup < free["fixed", c].speedup  # drafting is charged ...
+        assert by["fixed", c].speedup < 10.0 / (10.0 + draft_ms) + 0.01  # ... every round
+        assert by["scheduled", c].speedup > 0.95  # the gate closes: only probes pay for drafting
+        assert by["scheduled", c].mean_verified < 0.2  # the first rounds, before the estimates learn, and probes
 
 
 def test_trace_from_engine_stats_round_trips_through_jsonl(qwen3_target, tmp_path):

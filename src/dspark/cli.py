@@ -492,7 +492,8 @@ def _int_list(text: str) -> list[int]:
 def add_profile_parser(sub) -> None:
     p = sub.add_parser("profile", help="measure the target's verification cost table SPS(B) on this machine")
     p.add_argument("--target", default="smollm2-135m")
-    p.add_argument("--drafter", help="also time one propose of this drafter (stored in the table's meta)")
+    p.add_argument("--drafter", help="also time one propose of this drafter for each --requests count (stored in the "
+                                     "table's meta; dspark simulate then charges it)")
     p.add_argument("--draft-model", help="model spec for --drafter draft-model")
     p.add_argument("--tokens", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64], help="verify batch sizes B (tokens)")
     p.add_argument("--requests", type=_int_list, default=[1, 2, 4, 8, 16],
@@ -513,7 +514,7 @@ def run_profile(args) -> int:
     target = load_model(args.target, args.dtype)
     drafter = build_drafter(args.drafter, target, args.draft_model, args.dtype) if args.drafter else None
     cost = profile_target(target, batch_tokens=args.tokens, context=args.context, repeats=args.repeats,
-                          block_size=args.block_size, drafter=drafter, rows=args.requests)
+                          block_size=args.block_size, drafter=drafter, rows=args.requests, drafter_requests=args.requests)
     cost.save(args.out)
     for b, sps in zip(cost.tokens, cost.sps):
         print(f"B={b:5d}  {sps:9.2f} steps/s  {1000 / sps:8.2f} ms/step")
@@ -530,6 +531,8 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--policies", default="none,fixed,scheduled,async", help="none, fixed[:K], threshold[:C], scheduled, async")
     p.add_argument("--steps", type=_positive_int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-draft-cost", action="store_true",
+                   help="leave out the drafter's time even if the table has it (dspark profile --drafter)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=run_simulate)
 
@@ -539,7 +542,8 @@ def run_simulate(args) -> int:
     from dspark.engine.simulate import plot_simulation, results_to_json, simulate
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    results = simulate(args.trace, CostTable.load(args.profile), policies, args.concurrency, steps=args.steps, seed=args.seed)
+    results = simulate(args.trace, CostTable.load(args.profile), policies, args.concurrency, steps=args.steps, seed=args.seed,
+                       draft_cost=not args.no_draft_cost)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulation.json").write_text(json.dumps(results_to_json(results), indent=1) + "\n")

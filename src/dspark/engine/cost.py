@@ -132,6 +132,26 @@ class CostTable:
         """Seconds of a verify round of `tokens` real tokens in `rows` rows padded to `width`."""
         return self.time_at(tokens, rows) + self.pad_at(rows) * max(0.0, rows * width - tokens)
 
+    def draft_time(self, rows: int) -> float | None:
+        """Seconds of one drafting round for `rows` requests, from the profile's drafter timing
+        (meta["drafter_propose_s"], `dspark profile --drafter`); None when it has none. Linear in R
+        between profiled counts and along the last two beyond them; the nearest below them."""
+        measured = self.meta.get("drafter_propose_s")
+        if not measured:
+            return None
+        try:
+            points = sorted((int(r), float(s)) for r, s in dict(measured).items())
+        except (TypeError, ValueError):
+            raise DSparkError(f"cost table meta 'drafter_propose_s' must map request counts to seconds, "
+                              f"got {measured!r}") from None
+        if any(r < 1 or not math.isfinite(s) or s < 0 for r, s in points):
+            raise DSparkError(f"cost table meta 'drafter_propose_s' needs counts >= 1 and seconds >= 0, got {measured!r}")
+        i = bisect_right([r for r, _ in points], rows)
+        if i == 0 or len(points) == 1:
+            return points[0][1]
+        (r1, s1), (r2, s2) = points[min(i, len(points) - 1) - 1: min(i, len(points) - 1) + 1]
+        return max(0.0, s1 + (s2 - s1) * (rows - r1) / (r2 - r1))
+
     def sps_at(self, tokens: float, rows: int | None = None) -> float:
         """Steps per second SPS(B) (over `rows` requests when the table has per-row curves);
         exactly the stored value at a profiled point."""

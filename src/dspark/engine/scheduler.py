@@ -176,15 +176,26 @@ def scheduled_lengths(confidences: Confidences, max_lengths: Sequence[int], cost
 
 
 def async_budget(confidences: Confidences, max_lengths: Sequence[int], cost: CostTable) -> int:
-    """§5.2: the total number of drafts K that the global search (no early stop) would verify."""
+    """§5.2: the total number of drafts K that the global search (no early stop) would verify; with
+    a table that prices padding, what level-by-level admission would verify."""
+    if cost.padding:
+        return sum(level_lengths(confidences, max_lengths, cost))
     return _greedy_path(_candidates(confidences, max_lengths), len(max_lengths), cost, early_stop=False)
 
 
-def top_k_lengths(confidences: Confidences, max_lengths: Sequence[int], budget: int) -> list[int]:
-    """Admit the `budget` candidates with the highest survival a (Algorithm 1's order and ties)."""
+def top_k_lengths(confidences: Confidences, max_lengths: Sequence[int], budget: int,
+                  by_level: bool = False) -> list[int]:
+    """Admit the `budget` candidates with the highest survival a (Algorithm 1's order and ties).
+
+    by_level: draft position first, survival within a position (for engines that pay for padding:
+    the same number of drafts in the fewest positions). Lossless like top-K: (r, j) is admitted by
+    its rank among candidates that never include (r, j + 1)."""
     if budget < 0:
         raise ValueError(f"budget must be >= 0, got {budget}")
-    return _lengths_of(_candidates(confidences, max_lengths)[:budget], len(max_lengths))
+    candidates = _candidates(confidences, max_lengths)
+    if by_level:
+        candidates.sort(key=lambda t: t[2])  # stable: survival order within each position
+    return _lengths_of(candidates[:budget], len(max_lengths))
 
 
 # ------------------------------------------------------------------------ online acceptance prior
@@ -479,7 +490,7 @@ class _AsyncRule:
             self._budgets.clear()
             return [0] * len(max_lengths)
         if len(self._budgets) >= self.lag:
-            lengths = top_k_lengths(filled, max_lengths, self._budgets.popleft())
+            lengths = top_k_lengths(filled, max_lengths, self._budgets.popleft(), by_level=bool(self.cost.padding))
         else:
             lengths = scheduled_lengths(filled, max_lengths, self.cost)
         # What a pipelined engine would compute now, alongside this round's verification, for round t + lag.

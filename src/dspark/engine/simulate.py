@@ -16,7 +16,12 @@ The simulator keeps `concurrency` requests active; each step, every active reque
 record (a request replays a recorded request's rounds in order, or `rounds_per_request` rounds
 drawn from the pool when records carry no request ids) and is replaced by a freshly sampled one
 when its rounds run out. Records are consumed one per round whatever the policy, so every policy
-sees the same record sequence (a paired comparison). A step costs 1 / SPS(B), B = R + sum l_r.
+sees the same record sequence (a paired comparison). A step costs the table's round time for
+B = R + sum l_r tokens (per-R curves and padding included when the table has them), plus, when the
+table carries the drafter's timing (`dspark profile --drafter`), one drafting round for the
+requests that drafted. A policy with a draft gate is then asked before each step, with that
+drafting time, which requests may draft at all (as the engine asks it); a request refused keeps
+its record's place but drafts nothing.
 """
 
 from __future__ import annotations
@@ -158,11 +163,13 @@ def simulate(
     steps: int = 256,
     seed: int = 0,
     rounds_per_request: int = 32,
+    draft_cost: bool = True,
 ) -> list[SimulationResult]:
     """One result per (policy, concurrency). `policies` are `build_policy` specs (block size = the
     longest proposal in the trace) or name -> zero-argument factory of a fresh policy object with
     `decide(confidences, caps, keys)` (and optionally `record(lengths, num_accepted, keys)`; keys
-    identify request lifetimes)."""
+    identify request lifetimes, and `plan(requests, draft_seconds)` for a draft gate).
+    draft_cost=False leaves the drafter's time (and so the gate) out even if the table has it."""
     rounds = load_trace(trace)
     if steps < 1 or rounds_per_request < 1 or any(c < 1 for c in concurrencies):
         raise DSparkError(f"steps, rounds_per_request and concurrencies must be >= 1, got {steps}, "
@@ -176,20 +183,38 @@ def simulate(
         for name, factory in factories.items():
             # Same seed for every policy at this concurrency: identical record sequences.
             source = _Source(rounds, random.Random(f"{seed}:{concurrency}"), rounds_per_request)
-            results.append(_run(name, factory(), source, cost, concurrency, steps))
+            results.append(_run(name, factory(), source, cost, concurrency, steps, block_size, draft_cost))
     return results
 
 
-def _run(name: str, policy, source: _Source, cost: CostTable, concurrency: int, steps: int) -> SimulationResult:
+@dataclass
+class _Asked:
+    """What a policy's plan() reads of a request before drafting (as engine.DraftRequest)."""
+
+    max_tokens: int
+    uid: int
+
+
+def _run(name: str, policy, source: _Source, cost: CostTable, concurrency: int, steps: int, block_size: int,
+         draft_cost: bool) -> SimulationResult:
     active = [source.draw() for _ in range(concurrency)]
     keys = list(range(concurrency))  # one per request lifetime, for per-request statistics
     next_key = concurrency
     record = getattr(policy, "record", None)
+    drafts = draft_cost and getattr(policy, "name", name) != "none"  # plain decoding runs no drafter
+    draft_s = cost.draft_time(concurrency) if drafts else None
+    plan = getattr(policy, "plan", None) if draft_s is not None else None
     seconds = committed = verified = 0.0
     for _ in range(steps):
         current = [lifetime.pop(0) for lifetime in active]
         confidences = [r.confidences for r in current]
         caps = [r.proposed for r in current]
+        if draft_s is not None:
+            allowed = list(plan([_Asked(block_size, k) for k in keys], draft_s)) if plan else [block_size] * concurrency
+            drafting = sum(1 for n in allowed if n > 0)
+            if drafting:
+                seconds += cost.draft_time(drafting)
+            caps = [min(c, n) for c, n in zip(caps, allowed)]
         lengths = list(policy.decide(confidences, caps, keys))
         assert all(0 <= n <= c for n, c in zip(lengths, caps)), (name, lengths, caps)
         accepted = [min(r.accepted, n) for r, n in zip(current, lengths)]
