@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dspark.config import EngineConfig, SamplingParams, StopParams
+from dspark.drafters.base import DraftRequest, Proposal
 from dspark.drafters.draft_model import DraftModelDrafter
 from dspark.drafters.simple import NgramDrafter
 from dspark.engine.engine import Engine, Request, verify_all
@@ -53,6 +54,40 @@ def test_level_admission_fills_the_padding_that_algorithm_1_stops_at():
     assert level_lengths(confidences, [1, 0], CostTable((2, 10), (100.0, 1000 / 18), padding=((2, 0.001),))) == [1, 0]
     assert async_budget(confidences, [2, 2], cost) == 4  # the async budget is what level admission verifies
     assert async_budget(confidences, [1, 0], cost) == 0
+
+
+def test_a_longer_context_makes_deep_levels_dearer():
+    """Attention reads every row's keys up to the longest context in the round, padded rows
+    included, so a wide round over a long context costs more than the profiled curves say."""
+    cost = CostTable((2, 10), (100.0, 1000 / 18), padding=((2, 0.001),), context=100,
+                     context_s=((2, (0.0, 0.00005)),))  # 2 rows: per cached token more, 0.05 ms per extra column
+    confidences = [[0.9, 0.9], [0.8, 0.1]]  # survival: row 0 (0.9, 0.81), row 1 (0.8, 0.08)
+    assert cost.round_time(4, 2, 2, context=100) == cost.round_time(4, 2, 2)  # at the profiled context
+    assert cost.round_time(4, 2, 2, context=300) == pytest.approx(cost.round_time(4, 2, 2) + 200 * 0.00005)
+    assert cost.round_time(2, 2, 1, context=300) == cost.round_time(2, 2, 1)  # width 1: no column term here
+    # t(B) = 8 ms + 1 ms per token, 1 ms per padded token; over 150 cached tokens each column adds
+    # 2.5 ms: level 1 takes both rows (3.7 / 14.5 ms > 2 / 10 ms), level 2 neither (4.51 / 19 ms and
+    # 4.59 / 19 ms < 3.7 / 14.5 ms); over 300, 10 ms: not even level 1 (3.7 / 22 ms).
+    assert level_lengths(confidences, [2, 2], cost) == [2, 2]
+    assert level_lengths(confidences, [2, 2], cost, context=150) == scheduled_lengths(confidences, [2, 2], cost,
+                                                                                       context=150) == [1, 1]
+    assert level_lengths(confidences, [2, 2], cost, context=300) == [0, 0]
+    assert cost.context_at(4, 2, 300) == pytest.approx(2 * cost.context_at(2, 2, 300))  # per request beyond R = 2
+    assert CostTable.from_json(json.loads(json.dumps(cost.to_json()))) == cost
+    with pytest.raises(DSparkError, match="context it was measured at"):
+        CostTable((1,), (1.0,), context_s=((1, (0.0, 0.0)),))
+    with pytest.raises(DSparkError, match="context_s"):
+        CostTable.from_json({**cost.to_json(), "context_s": {"2": [0.1]}})
+
+
+def test_the_policy_prices_the_rounds_longest_context():
+    cost = CostTable((2, 10), (100.0, 1000 / 18), padding=((2, 0.001),), context=100, context_s=((2, (0.0, 0.00005)),))
+    policy = build_policy("scheduled", 2, cost, draft_gate=False)
+    requests = [DraftRequest(0, list(range(151)), 2, SamplingParams(), None, 0),
+                DraftRequest(1, list(range(50)), 2, SamplingParams(), None, 1)]
+    proposals = [Proposal(torch.tensor([1, 2]), None, torch.tensor(c)) for c in ([0.9, 0.9], [0.8, 0.1])]
+    assert policy(requests, proposals) == [1, 1]  # the longest context (150 cached tokens) counts
+    assert policy.decide([[0.9, 0.9], [0.8, 0.1]], [2, 2]) == [2, 2]  # unknown context: the profiled one
 
 
 def test_fixed_and_threshold_lengths_by_hand():
@@ -609,7 +644,10 @@ def test_profile_target_on_a_tiny_model(qwen3_target):
     assert cost.meta["request_counts"] == [1, 3] and "3x4" in cost.meta["seconds_min_max"]
     assert [r for r, _ in cost.padding] == [3] and cost.padding[0][1] >= 0  # R = 1 has no padding
     assert cost.meta["convex"] and set(cost.meta["measured_s"]) == {"1", "3", "8", "1x1", "1x4", "3x1", "3x4", *(
-        f"{r}x{n}" for r in (1, 3) for n in (2, 3)), "3x1+3"}
+        f"{r}x{n}" for r in (1, 3) for n in (2, 3)), "3x1+3", *(f"{r}x{n}@144" for r in (1, 3) for n in (1, 4))}
+    # the context term: measured again over 16 + 128 cached tokens, for rows of 1 and of K + 1
+    assert cost.context == 16 and cost.meta["longer_context"] == 144
+    assert [r for r, _ in cost.context_s] == [1, 3] and all(a >= 0 and b >= 0 for _, (a, b) in cost.context_s)
     for _, curve in cost.by_rows:  # stored convex and non-decreasing in time
         times = [1 / s for s in curve.sps]
         steps = [(t2 - t1) / (b2 - b1) for (b1, t1), (b2, t2) in itertools.pairwise(zip(curve.tokens, times))]

@@ -52,6 +52,12 @@ class CostTable:
     by_rows: tuple[tuple[int, CostTable], ...] = ()
     # ((R, seconds per padded token), ...) in increasing R; empty: padding is free.
     padding: tuple[tuple[int, float], ...] = ()
+    # Context: the cached tokens per request the curves were measured at, and
+    # ((R, (a, b)), ...) in increasing R: per request, a round's time grows by a + b * (width - 1)
+    # seconds for every cached token more than that (attention reads each row's keys up to the
+    # longest context in the round, padded rows included). Empty: the curves hold at any context.
+    context: int | None = None
+    context_s: tuple[tuple[int, tuple[float, float]], ...] = ()
 
     def __post_init__(self) -> None:
         tokens, sps = tuple(self.tokens), tuple(self.sps)
@@ -80,6 +86,14 @@ class CostTable:
             if r < 1 or not math.isfinite(c) or c < 0:
                 raise DSparkError(f"cost table padding needs row counts >= 1 and seconds >= 0, got {r!r}: {c!r}")
         object.__setattr__(self, "padding", padding)
+        context_s = tuple(sorted((int(r), (float(a), float(b))) for r, (a, b) in dict(self.context_s).items()))
+        for r, (a, b) in context_s:
+            if r < 1 or not all(math.isfinite(x) and x >= 0 for x in (a, b)):
+                raise DSparkError(f"cost table context_s needs row counts >= 1 and seconds >= 0, got {r!r}: {(a, b)!r}")
+        if context_s and (isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 0):
+            raise DSparkError(f"a cost table with context_s needs the context it was measured at (an integer >= 0), "
+                              f"got {self.context!r}")
+        object.__setattr__(self, "context_s", context_s)
 
     # ------------------------------------------------------------------------------------ lookups
     def time_at(self, tokens: float, rows: int | None = None) -> float:
@@ -128,9 +142,28 @@ class CostTable:
         (r1, c1), (r2, c2) = self.padding[i - 1], self.padding[i]
         return c1 + (c2 - c1) * (rows - r1) / (r2 - r1)
 
-    def round_time(self, tokens: float, rows: int, width: int) -> float:
-        """Seconds of a verify round of `tokens` real tokens in `rows` rows padded to `width`."""
-        return self.time_at(tokens, rows) + self.pad_at(rows) * max(0.0, rows * width - tokens)
+    def context_at(self, rows: int, width: int, context: int | None) -> float:
+        """Seconds a round of `rows` rows padded to `width` gains (or, below the profiled context,
+        loses) when its longest context holds `context` cached tokens (0 without context data or
+        context). Per request: linear in R between profiled counts, the nearest count's outside."""
+        if context is None or not self.context_s:
+            return 0.0
+        counts = [r for r, _ in self.context_s]
+        i = bisect_right(counts, rows)
+        if i == 0 or i == len(counts):
+            r0, (a, b) = self.context_s[0 if i == 0 else -1]
+            a, b = a / r0, b / r0
+        else:
+            (r1, (a1, b1)), (r2, (a2, b2)) = self.context_s[i - 1], self.context_s[i]
+            w = (rows - r1) / (r2 - r1)
+            a, b = (1 - w) * a1 / r1 + w * a2 / r2, (1 - w) * b1 / r1 + w * b2 / r2
+        return rows * (a + b * max(0, width - 1)) * (context - self.context)
+
+    def round_time(self, tokens: float, rows: int, width: int, context: int | None = None) -> float:
+        """Seconds of a verify round of `tokens` real tokens in `rows` rows padded to `width`, the
+        longest row over `context` cached tokens (None: the profiled context)."""
+        base = self.time_at(tokens, rows) + self.pad_at(rows) * max(0.0, rows * width - tokens)
+        return max(base + self.context_at(rows, width, context), 0.1 * base)  # far below it: keep a floor
 
     def draft_time(self, rows: int) -> float | None:
         """Seconds of one drafting round for `rows` requests, from the profile's drafter timing
@@ -193,6 +226,9 @@ class CostTable:
             out["by_rows"] = {str(r): {"tokens": list(t.tokens), "sps": list(t.sps)} for r, t in self.by_rows}
         if self.padding:
             out["padding_s"] = {str(r): c for r, c in self.padding}
+        if self.context_s:
+            out["context"] = self.context
+            out["context_s"] = {str(r): list(ab) for r, ab in self.context_s}
         return out
 
     @classmethod
@@ -214,8 +250,8 @@ class CostTable:
                 raise DSparkError(f"{source}: '{key}' must be a list, got {value!r}")
         if not isinstance(meta, dict):
             raise DSparkError(f"{source}: 'meta' must be an object, got {meta!r}")
-        by_rows, padding = data.get("by_rows", {}), data.get("padding_s", {})
-        for key, value in (("by_rows", by_rows), ("padding_s", padding)):
+        by_rows, padding, context_s = data.get("by_rows", {}), data.get("padding_s", {}), data.get("context_s", {})
+        for key, value in (("by_rows", by_rows), ("padding_s", padding), ("context_s", context_s)):
             if not isinstance(value, dict):
                 raise DSparkError(f"{source}: '{key}' must be an object, got {value!r}")
         try:
@@ -227,8 +263,13 @@ class CostTable:
             for r, c in padding.items():
                 if not (isinstance(r, str) and r.isdigit()) or isinstance(c, bool) or not isinstance(c, (int, float)):
                     raise DSparkError(f"'padding_s' needs row counts mapped to seconds, got {r!r}: {c!r}")
+            for r, ab in context_s.items():
+                if not (isinstance(r, str) and r.isdigit()) or not isinstance(ab, list) or len(ab) != 2 or any(
+                        isinstance(x, bool) or not isinstance(x, (int, float)) for x in ab):
+                    raise DSparkError(f"'context_s' needs row counts mapped to [a, b] seconds, got {r!r}: {ab!r}")
             return cls(tuple(tokens), tuple(sps), meta, tuple(curves.items()),
-                       tuple((int(r), float(c)) for r, c in padding.items()))
+                       tuple((int(r), float(c)) for r, c in padding.items()), data.get("context"),
+                       tuple((int(r), (float(ab[0]), float(ab[1]))) for r, ab in context_s.items()))
         except DSparkError as err:
             raise DSparkError(f"{source}: {err}") from None
 

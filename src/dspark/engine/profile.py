@@ -7,7 +7,10 @@ call — `target.model(ids, positions, slots, cache, num_new=..., hidden_layers=
 of a few repeats. The B-only curve packs B tokens into the fewest rows; with `rows`, each request
 count R also gets its own curve in the engine's shape, R rows of 1 + e tokens for e = 0..block_size
 (`CostTable.by_rows`), and the cost of a padded token (`CostTable.padding`): one row of
-block_size + 1 tokens next to R - 1 rows of one, against the uniform curve at the same B. The optional drafter cost (one `propose` for R requests) goes into `meta`.
+block_size + 1 tokens next to R - 1 rows of one, against the uniform curve at the same B; and what
+a longer context adds (`CostTable.context_s`): R rows of one and of block_size + 1 tokens timed
+again over a second, longer context. The optional drafter cost (one `propose` for R requests) goes
+into `meta`.
 """
 
 from __future__ import annotations
@@ -137,21 +140,25 @@ def profile_target(
     if context + width_max > target.max_position_embeddings:
         raise DSparkError(f"context {context} + rows of {width_max} tokens exceed the target's context "
                           f"{target.max_position_embeddings}")
+    # The second context for the context term: twice the first (at least 128 more), within the model.
+    longer = min(max(2 * context, context + 128), target.max_position_embeddings - width_max) if row_counts else context
     device = target.model.device
     num_slots = max([len(lengths) for lengths in layout.values()] + row_counts)
-    cache = target.build_cache(num_slots, context + width_max, headroom=width_max + 2)
+    cache = target.build_cache(num_slots, longer + width_max, headroom=width_max + 2)
     gen = torch.Generator().manual_seed(seed)
-    for first in range(0, num_slots if context else 0, PREFILL_ROWS):  # real K/V in every slot's context
+    for first in range(0, num_slots if longer else 0, PREFILL_ROWS):  # real K/V in every slot's context
         slots = torch.arange(first, min(first + PREFILL_ROWS, num_slots), device=device)
-        prompt = torch.randint(0, target.vocab_size, (len(slots), context), generator=gen).to(device)
-        target.model(prompt, torch.arange(context, device=device).expand(len(slots), context), slots, cache,
+        prompt = torch.randint(0, target.vocab_size, (len(slots), longer), generator=gen).to(device)
+        target.model(prompt, torch.arange(longer, device=device).expand(len(slots), longer), slots, cache,
                      last_only=True)
     spread = {}
 
-    def seconds_per_step(lengths: list[int], label: str) -> float:
+    def seconds_per_step(lengths: list[int], label: str, at: int = context) -> float:
+        # Rows over `at` cached tokens (attention reads keys below the rows' positions only; the
+        # K/V they write over are the next context's, which do not change how long anything takes).
         width = max(lengths)  # rows padded to the widest one; only attention sees the padding
         ids = torch.randint(0, target.vocab_size, (len(lengths), width), generator=gen).to(device)
-        positions = (context + torch.arange(width)).expand(len(lengths), width).to(device)
+        positions = (at + torch.arange(width)).expand(len(lengths), width).to(device)
         slots = torch.arange(len(lengths), device=device)
         num_new = torch.tensor(lengths, device=device)
 
@@ -179,9 +186,20 @@ def profile_target(
             measured[label] = seconds_per_step(ragged, label)
             extra = measured[label] - by_rows[r].time_at(sum(ragged))
             padding[r] = max(0.0, extra / (r * (block_size + 1) - sum(ragged)))
+    # Context: per cached token more, a round of R rows of width 1 gains a; each extra column, b.
+    context_s = {}
+    for r in row_counts if longer > context else ():
+        grow = {}
+        for width in sorted({1, block_size + 1}):
+            label = f"{r}x{width}@{longer}"
+            measured[label] = seconds_per_step([width] * r, label, at=longer)
+            grow[width] = max(0.0, (measured[label] - measured[f"{r}x{width}"]) / (longer - context))
+        wide = (grow[block_size + 1] - grow[1]) / block_size if block_size else 0.0
+        context_s[r] = (grow[1], max(0.0, wide))
     meta = {
         "device": _device_name(device), "torch": torch.__version__, "dtype": str(target.model.dtype).removeprefix("torch."),
         "target": target.spec, "target_fingerprint": target.fingerprint, "context": context,
+        "longer_context": longer,
         "block_size": block_size, "repeats": repeats, "rows": {str(b): layout[b] for b in points},
         "request_counts": row_counts, "convex": convex, "measured_s": measured,
         "seconds_min_max": spread,
@@ -191,7 +209,8 @@ def profile_target(
         meta["drafter"] = getattr(drafter, "name", type(drafter).__name__)
         meta["drafter_propose_s"] = profile_drafter(target, drafter, drafter_requests, context, block_size,
                                                     repeats, warmup, seed)
-    return CostTable(table.tokens, table.sps, meta, tuple(by_rows.items()), tuple(padding.items()))
+    return CostTable(table.tokens, table.sps, meta, tuple(by_rows.items()), tuple(padding.items()),
+                     context if context_s else None, tuple(context_s.items()))
 
 
 @torch.inference_mode()

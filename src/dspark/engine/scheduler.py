@@ -113,15 +113,17 @@ def _greedy_path(candidates: Sequence[tuple[float, int, int]], num_rows: int, co
     return best_n
 
 
-def level_lengths(confidences: Confidences, max_lengths: Sequence[int], cost: CostTable) -> list[int]:
+def level_lengths(confidences: Confidences, max_lengths: Sequence[int], cost: CostTable,
+                  context: int | None = None) -> list[int]:
     """Admission level by level, for engines that pay for padding (`cost.padding`).
 
     A padded round costs t(B) + c * (R * width - B): the first request to verify a j-th draft
     pays for the padding of every other row, the next ones fill it almost for free. Algorithm 1's
     early stop would halt at that first, expensive admission. Here draft position j is a level:
     among the requests that verify j - 1 drafts and drafted a j-th, the k with the highest
-    survival a_{r,j} are admitted, k chosen to maximise Theta = tau / round_time; the search ends at
-    the first level where no k > 0 raises Theta. Lossless by the same argument as Algorithm 1's
+    survival a_{r,j} are admitted, k chosen to maximise Theta = tau / round_time (over `context`
+    cached tokens in the longest row, where the table prices context); the search ends at the
+    first level where no k > 0 raises Theta. Lossless by the same argument as Algorithm 1's
     early stop: whether request r verifies draft j depends on survivals a_{., <=j}, which depend on
     drafts before j only, never on x_{r,j}.
     """
@@ -131,13 +133,13 @@ def level_lengths(confidences: Confidences, max_lengths: Sequence[int], cost: Co
         levels.setdefault(j, []).append((a, r))
     lengths = [0] * rows
     tau, tokens = float(rows), rows
-    best = tau / cost.round_time(tokens, rows, 1)
+    best = tau / cost.round_time(tokens, rows, 1, context)
     for j in range(1, len(levels) + 1):  # a row with a candidate at j has one at every j' < j
         level = [(a, r) for a, r in levels[j] if lengths[r] == j - 1]
         best_k, gain = 0, 0.0
         for k, (a, _) in enumerate(level, 1):
             gain += a
-            theta = (tau + gain) / cost.round_time(tokens + k, rows, j + 1)
+            theta = (tau + gain) / cost.round_time(tokens + k, rows, j + 1, context)
             if theta > best:
                 best, best_k = theta, k
         if best_k == 0:
@@ -150,7 +152,7 @@ def level_lengths(confidences: Confidences, max_lengths: Sequence[int], cost: Co
 
 
 def scheduled_lengths(confidences: Confidences, max_lengths: Sequence[int], cost: CostTable,
-                      early_stop: bool = True) -> list[int]:
+                      early_stop: bool = True, context: int | None = None) -> list[int]:
     """Algorithm 1 (hardware-aware prefix scheduler), exactly, with early stop.
 
     early_stop=False is the retrospective global search (the best prefix of the whole admission
@@ -169,17 +171,18 @@ def scheduled_lengths(confidences: Confidences, max_lengths: Sequence[int], cost
       states the proof). With a cliff in t (wave quantisation) both can fail.
     """
     if cost.padding and early_stop:  # the engine pays for padding: admit level by level
-        return level_lengths(confidences, max_lengths, cost)
+        return level_lengths(confidences, max_lengths, cost, context)
     candidates = _candidates(confidences, max_lengths)
     n = _greedy_path(candidates, len(max_lengths), cost, early_stop)
     return _lengths_of(candidates[:n], len(max_lengths))
 
 
-def async_budget(confidences: Confidences, max_lengths: Sequence[int], cost: CostTable) -> int:
+def async_budget(confidences: Confidences, max_lengths: Sequence[int], cost: CostTable,
+                 context: int | None = None) -> int:
     """§5.2: the total number of drafts K that the global search (no early stop) would verify; with
     a table that prices padding, what level-by-level admission would verify."""
     if cost.padding:
-        return sum(level_lengths(confidences, max_lengths, cost))
+        return sum(level_lengths(confidences, max_lengths, cost, context))
     return _greedy_path(_candidates(confidences, max_lengths), len(max_lengths), cost, early_stop=False)
 
 
@@ -204,14 +207,15 @@ class OnlineAcceptance:
     confidences (n-gram, DFlash, Eagle3, draft models), and for the draft gate.
 
     Pooled over requests, c_j is the posterior mean of P(draft j accepted | drafts < j accepted).
-    Position 1 has a Beta(alpha, beta) prior (default Beta(1, 1): 0.5 before any evidence); position
-    j > 1 has a prior of the same weight (alpha + beta trials) centred on the estimate of position
-    j - 1, so a deep position that has rarely been verified starts from what the shallower ones
-    say rather than from a flat 0.5. This matters: acceptance given survival is usually higher deep
-    in a block than at its start (an n-gram copy that got two tokens right tends to get all seven),
-    and since estimates only learn where something is verified, a pessimistic prior on positions
-    the scheduler then never verifies would stay pessimistic for ever; an optimistic one is tried
-    and corrected. (The method estimates nothing here: its drafters give confidences.) Old evidence
+    Position 1 has a Beta(alpha, beta) prior (default Beta(1, 1): 0.5 before any evidence); each
+    position j > 1 has a prior of the same weight (alpha + beta trials) centred on the acceptance
+    given survival pooled over all positions 2.. together, so a deep position that has rarely been
+    verified starts from what the other deep ones say rather than from a flat 0.5. This matters:
+    acceptance given survival is often much higher past the first draft (an n-gram copy that got
+    two tokens right tends to get all seven), and since estimates only learn where something is
+    verified, a pessimistic prior on positions the scheduler then never verifies would stay
+    pessimistic for ever, while an optimistic one is tried and corrected. (The method estimates
+    nothing here: its drafters give confidences.) Old evidence
     fades: each round that verified something first multiplies the pooled counts by `decay`, so the
     estimates follow the traffic (effective memory ~1 / (1 - decay) rounds). Each request also keeps
     its own counts, shrunk towards the pooled estimate with the weight of `request_prior` trials:
@@ -293,6 +297,12 @@ class OnlineAcceptance:
                     accepts[j] += int(j < a)
 
 
+def longest_context(requests: Sequence[DraftRequest]) -> int | None:
+    """Cached tokens of the longest request in a round (what attention reads, padded rows
+    included); None when the requests do not say (the simulator's carry no tokens)."""
+    return max((len(ids) - 1 for r in requests if (ids := getattr(r, "token_ids", None))), default=None)
+
+
 def proposal_inputs(requests: Sequence[DraftRequest], proposals: Sequence[Proposal]):
     """(confidences or None per row, cap per row, request key per row) from one engine round."""
     confidences = [p.confidences.tolist() if p.confidences is not None else None for p in proposals]
@@ -368,7 +378,7 @@ class DraftGate:
         self.probing = False  # this round drafts only because a probe is due
 
     def allow(self, max_lengths: Sequence[int], draft_seconds: float | None,
-              keys: Sequence[object] | None = None) -> bool:
+              keys: Sequence[object] | None = None, context: int | None = None) -> bool:
         rows = len(max_lengths)
         self.probing = False
         if draft_seconds is None or rows == 0 or max(max_lengths) == 0:
@@ -377,12 +387,12 @@ class DraftGate:
         # expected accepted drafts, their count the verified ones.
         keys = keys if keys is not None else [None] * rows
         estimates = [self.acceptance.estimate(m, k) for m, k in zip(max_lengths, keys)]
-        lengths = scheduled_lengths(estimates, max_lengths, self.cost)
+        lengths = scheduled_lengths(estimates, max_lengths, self.cost, context=context)
         expected = sum(sum(itertools.accumulate(e[:n], operator.mul)) for e, n in zip(estimates, lengths))
-        verify_time = self.cost.round_time(rows + sum(lengths), rows, 1 + max(lengths))
+        verify_time = self.cost.round_time(rows + sum(lengths), rows, 1 + max(lengths), context)
         speculative = (rows + expected) / (verify_time + draft_seconds)
         was_probing = self.closed_rounds == 0 and not self.is_open
-        self.is_open = speculative > rows / self.cost.round_time(rows, rows, 1)
+        self.is_open = speculative > rows / self.cost.round_time(rows, rows, 1, context)
         if self.is_open:
             self.closed_rounds, self.wait = 0, self.probe_every
             return True
@@ -406,7 +416,9 @@ class DraftGate:
 
 
 class EstimatedPolicy:
-    """A pure length rule applied to each round's confidences; rows without confidences get
+    """A pure length rule applied to each round's confidences (and the round's longest context,
+    which a table that prices context reads; the committed tokens fix it, so it says nothing of the
+    drafts); rows without confidences get
     `OnlineAcceptance` estimates (past rounds only, so still lossless). With `draft_gate`, the
     engine asks `plan` before drafting how many tokens each request may propose (see DraftGate).
 
@@ -415,7 +427,7 @@ class EstimatedPolicy:
     was verified, the next such round verifies one draft of each of them (and so does a draft
     gate's probe, for every row). The choice is fixed by past rounds, so it stays lossless."""
 
-    def __init__(self, name: str, rule: Callable[[Confidences, Sequence[int]], list[int]],
+    def __init__(self, name: str, rule: Callable[[Confidences, Sequence[int], int | None], list[int]],
                  prior: OnlineAcceptance | None = None, draft_gate: bool = False, explore_every: int = 16,
                  **settings):
         if explore_every < 1:
@@ -431,12 +443,12 @@ class EstimatedPolicy:
         caps = [r.max_tokens for r in requests]
         if self.gate is None:
             return caps
-        if not self.gate.allow(caps, draft_seconds, [r.uid for r in requests]):
+        if not self.gate.allow(caps, draft_seconds, [r.uid for r in requests], longest_context(requests)):
             return [0] * len(caps)
         return self.gate.probe_caps(caps) if self.gate.probing else caps
 
-    def decide(self, confidences, max_lengths, keys=None) -> list[int]:
-        lengths = self.rule(self.acceptance.fill(confidences, max_lengths, keys), max_lengths)
+    def decide(self, confidences, max_lengths, keys=None, context=None) -> list[int]:
+        lengths = self.rule(self.acceptance.fill(confidences, max_lengths, keys), max_lengths, context)
         estimated = [c is None and cap > 0 for c, cap in zip(confidences, max_lengths)]
         explore = [False] * len(lengths)
         if any(estimated):
@@ -456,7 +468,7 @@ class EstimatedPolicy:
         self.acceptance.update(lengths, num_accepted, keys)
 
     def __call__(self, requests, proposals) -> list[int]:
-        return self.decide(*proposal_inputs(requests, proposals))
+        return self.decide(*proposal_inputs(requests, proposals), longest_context(requests))
 
     def observe(self, requests, lengths, num_accepted) -> None:
         self.record(lengths, num_accepted, [r.uid for r in requests])
@@ -466,14 +478,15 @@ def ThresholdPolicy(threshold: float, prior: OnlineAcceptance | None = None) -> 
     """DeepSpec's static confidence cut."""
     if not 0.0 <= threshold <= 1.0:
         raise DSparkError(f"confidence threshold must be in [0, 1], got {threshold}")
-    return EstimatedPolicy(f"threshold:{threshold:g}", lambda c, m: threshold_lengths(c, m, threshold), prior,
+    return EstimatedPolicy(f"threshold:{threshold:g}", lambda c, m, _: threshold_lengths(c, m, threshold), prior,
                            threshold=threshold)
 
 
 def ScheduledPolicy(cost: CostTable, prior: OnlineAcceptance | None = None,  # noqa: N802
                     draft_gate: bool = False) -> EstimatedPolicy:
     """Algorithm 1 with early stop on each round's own confidences."""
-    return EstimatedPolicy("scheduled", lambda c, m: scheduled_lengths(c, m, cost), prior, draft_gate, cost=cost)
+    return EstimatedPolicy("scheduled", lambda c, m, ctx: scheduled_lengths(c, m, cost, context=ctx), prior, draft_gate,
+                           cost=cost)
 
 
 class _AsyncRule:
@@ -483,7 +496,7 @@ class _AsyncRule:
         self.cost, self.lag = cost, lag
         self._budgets: deque[int] = deque()  # budgets of the last `lag` rounds, oldest first
 
-    def __call__(self, filled: Confidences, max_lengths: Sequence[int]) -> list[int]:
+    def __call__(self, filled: Confidences, max_lengths: Sequence[int], context: int | None = None) -> list[int]:
         if max(max_lengths, default=0) == 0:
             # Nothing drafted (e.g. a closed draft gate): budgets from such rounds would say 0 and
             # starve the next drafting round, so start over with Algorithm 1 there.
@@ -492,9 +505,9 @@ class _AsyncRule:
         if len(self._budgets) >= self.lag:
             lengths = top_k_lengths(filled, max_lengths, self._budgets.popleft(), by_level=bool(self.cost.padding))
         else:
-            lengths = scheduled_lengths(filled, max_lengths, self.cost)
+            lengths = scheduled_lengths(filled, max_lengths, self.cost, context=context)
         # What a pipelined engine would compute now, alongside this round's verification, for round t + lag.
-        self._budgets.append(async_budget(filled, max_lengths, self.cost))
+        self._budgets.append(async_budget(filled, max_lengths, self.cost, context))
         return lengths
 
 
