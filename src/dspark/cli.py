@@ -520,6 +520,10 @@ def run_profile(args) -> int:
         print(f"B={b:5d}  {sps:9.2f} steps/s  {1000 / sps:8.2f} ms/step")
     for r, curve in cost.by_rows:
         print(f"R={r:3d}  " + "  ".join(f"B={b}: {1000 / s:.1f} ms" for b, s in zip(curve.tokens, curve.sps)))
+    for r, seconds in cost.padding:
+        print(f"R={r:3d}  a padded token adds {1000 * seconds:.3f} ms")
+    for r, (a, b) in cost.context_s:
+        print(f"R={r:3d}  per cached token beyond {cost.context}: +{1e6 * a:.2f} us, +{1e6 * b:.2f} us per extra column")
     return 0
 
 
