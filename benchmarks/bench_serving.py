@@ -13,8 +13,9 @@ Measured side by side in one run, on SmolLM2-135M (bf16), greedy, one engine per
      Aggregate tokens/s = all generated tokens / the whole run's time, prefills and the final drain
      included, as vLLM's serving benchmark counts it; per-user tokens/s is the mean over requests.
      Every policy generates the same number of tokens; the share of requests whose text equals the
-     level's first run (plain decoding) is reported: bf16 logits depend slightly on the batch's
-     shape, so greedy texts can part at a near tie, and with them what there is to draft.
+     level's first run (plain decoding, when `none` leads --policies as by default) is reported:
+     bf16 logits depend slightly on the batch's shape, so greedy texts can part at a near tie, and
+     with them what there is to draft.
      Goal: scheduled >= the best of the others at every R, and never below no speculation;
   3. the fixed:7 rounds as a trace, replayed by the simulator at up to 256 concurrent requests on
      the measured table (with the drafter's measured time per round, so the draft gate plays its

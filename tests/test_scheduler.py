@@ -76,6 +76,15 @@ def test_a_longer_context_makes_deep_levels_dearer():
     assert CostTable.from_json(json.loads(json.dumps(cost.to_json()))) == cost
     with pytest.raises(DSparkError, match="context it was measured at"):
         CostTable((1,), (1.0,), context_s=((1, (0.0, 0.0)),))
+    with pytest.raises(DSparkError, match="context must be an integer"):
+        CostTable.from_json({**CostTable((1,), (1.0,)).to_json(), "context": "abc"})
+    bare = CostTable((1,), (1.0,), context=64)  # a context without a context term still round-trips
+    assert CostTable.from_json(bare.to_json()) == bare
+    # Without padding data, the context term alone makes admission go level by level.
+    unpadded = CostTable((2, 10), (100.0, 1000 / 18), context=100, context_s=((2, (0.0, 0.00005)),))
+    assert scheduled_lengths(confidences, [2, 2], unpadded, context=100) == [2, 1]  # no padding: row 1 stays short
+    assert scheduled_lengths(confidences, [2, 2], unpadded, context=300) == [0, 0]
+    assert async_budget(confidences, [2, 2], unpadded, context=300) == 0
     with pytest.raises(DSparkError, match="context_s"):
         CostTable.from_json({**cost.to_json(), "context_s": {"2": [0.1]}})
 
@@ -247,9 +256,9 @@ def test_online_acceptance_counts_conditional_trials():
     est.update([3, 3, 1, 0], [3, 1, 0, 0])  # rows: all accepted; j2 rejected; j1 rejected; none verified
     assert est.trials == [3, 2, 1] and est.accepts == [2, 1, 1]
     # Position 1: Beta(1, 1). Deeper: a prior of the same weight (2 trials) centred on acceptance
-    # given survival pooled over positions 2.. (here (1 + 1 + 1) / (2 + 1 + 2) = 3/5).
-    deep = 3 / 5
-    assert est.estimate(4) == pytest.approx([3 / 5, (1 + 2 * deep) / 4, (1 + 2 * deep) / 3, deep])
+    # given survival pooled over the *other* positions 2.. (under Beta(1, 1)): for j2 that is j3's
+    # 1 / 1, (1 + 1) / (1 + 2); for j3, j2's 1 / 2, (1 + 1) / (2 + 2); for j4, both, (2 + 1) / (3 + 2).
+    assert est.estimate(4) == pytest.approx([3 / 5, (1 + 2 * 2 / 3) / 4, (1 + 2 * 1 / 2) / 3, 3 / 5])
 
 
 def test_online_acceptance_starts_rarely_verified_deep_positions_from_the_shallower_ones():
@@ -270,8 +279,8 @@ def test_online_acceptance_keeps_per_request_estimates_shrunk_to_the_pooled_one(
     est = OnlineAcceptance(decay=1.0, request_prior=4.0, request_decay=1.0)
     est.update([2, 2], [2, 0], keys=["copy", "prose"])  # 'copy' accepted both drafts, 'prose' none
     pooled = est.estimate(2)
-    deep = (1 + 1) / (1 + 2)  # position 2's prior mean: acceptance given survival, positions 2..
-    assert pooled == pytest.approx([(1 + 1) / (2 + 2), (1 + 2 * deep) / (1 + 2)])
+    # position 2's prior mean: the other deep positions' evidence (none) under Beta(1, 1), 1/2
+    assert pooled == pytest.approx([(1 + 1) / (2 + 2), (1 + 2 * 1 / 2) / (1 + 2)])
     assert est.estimate(2, "copy") == pytest.approx([(1 + 4 * pooled[0]) / 5, (1 + 4 * pooled[1]) / 5])
     assert est.estimate(2, "prose") == pytest.approx([(0 + 4 * pooled[0]) / 5, pooled[1]])  # j2 never tried
     assert est.estimate(2, "new") == pooled  # no history: the pooled estimate
@@ -323,8 +332,11 @@ def test_a_probe_drafts_for_a_few_requests_in_turn():
     policy.acceptance.update([4] * 50, [0] * 50)  # looks hopeless: every round is a probe
     caps = [4, 0, 4, 3, 4]  # request 1 can draft nothing (its answer is nearly done)
     requests = [type("R", (), {"max_tokens": c, "uid": i})() for i, c in enumerate(caps)]
-    probes = [policy.plan(requests, 0.02) for _ in range(3)]
-    assert all(policy.gate.probing for _ in probes)
+    probes, probing = [], []
+    for _ in range(3):
+        probes.append(policy.plan(requests, 0.02))
+        probing.append(policy.gate.probing)
+    assert all(probing)
     assert probes == [[4, 0, 4, 0, 0], [0, 0, 0, 3, 4], [4, 0, 4, 0, 0]]  # two of the four able, in turn
     few = [type("R", (), {"max_tokens": 4, "uid": i})() for i in range(2)]
     assert policy.plan(few, 0.02) == [4, 4]  # no more than probe_rows: all of them
@@ -361,7 +373,7 @@ def test_estimates_that_stopped_verifying_are_tried_again():
     # rows with estimates and drafts get one draft verified after 3 idle rounds; the confidence row never
     assert rounds == [[0, 0, 0]] * 3 + [[1, 0, 0]] + [[0, 0, 0]] * 3 + [[1, 0, 0]]
     with pytest.raises(DSparkError, match="explore_every"):
-        EstimatedPolicy("scheduled", lambda c, m: [0] * len(m), explore_every=0)
+        EstimatedPolicy("scheduled", lambda c, m, ctx: [0] * len(m), explore_every=0)
 
 
 def test_async_policy_uses_the_budget_of_two_rounds_earlier():
@@ -713,7 +725,9 @@ def test_cost_table_reads_the_drafters_time_per_request_count():
     with pytest.raises(DSparkError, match="drafter_propose_s"):
         CostTable.flat(10.0, drafter_propose_s={"x": 0.01}).draft_time(1)
     with pytest.raises(DSparkError, match="drafter_propose_s"):
-        CostTable.flat(10.0, drafter_propose_s={"1": -1.0}).draft_time(1)
+        CostTable.flat(10.0, drafter_propose_s={"1": -1.0})
+    with pytest.raises(DSparkError, match="distinct counts"):
+        CostTable.flat(10.0, drafter_propose_s={"1": 0.01, "01": 0.02})
 
 
 def test_simulated_draft_cost_and_draft_gate():

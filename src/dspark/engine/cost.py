@@ -53,9 +53,10 @@ class CostTable:
     # ((R, seconds per padded token), ...) in increasing R; empty: padding is free.
     padding: tuple[tuple[int, float], ...] = ()
     # Context: the cached tokens per request the curves were measured at, and
-    # ((R, (a, b)), ...) in increasing R: per request, a round's time grows by a + b * (width - 1)
-    # seconds for every cached token more than that (attention reads each row's keys up to the
-    # longest context in the round, padded rows included). Empty: the curves hold at any context.
+    # ((R, (a, b)), ...) in increasing R: a round of R rows padded to `width` takes
+    # a + b * (width - 1) seconds more for every cached token its longest row has beyond that
+    # (attention reads every row's keys up to the longest context in the round, padded rows
+    # included). Empty: the curves hold at any context.
     context: int | None = None
     context_s: tuple[tuple[int, tuple[float, float]], ...] = ()
 
@@ -90,10 +91,13 @@ class CostTable:
         for r, (a, b) in context_s:
             if r < 1 or not all(math.isfinite(x) and x >= 0 for x in (a, b)):
                 raise DSparkError(f"cost table context_s needs row counts >= 1 and seconds >= 0, got {r!r}: {(a, b)!r}")
-        if context_s and (isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 0):
-            raise DSparkError(f"a cost table with context_s needs the context it was measured at (an integer >= 0), "
-                              f"got {self.context!r}")
+        if self.context is not None and (isinstance(self.context, bool) or not isinstance(self.context, int)
+                                         or self.context < 0):
+            raise DSparkError(f"cost table context must be an integer >= 0 (cached tokens), got {self.context!r}")
+        if context_s and self.context is None:
+            raise DSparkError("a cost table with context_s needs the context it was measured at (an integer >= 0)")
         object.__setattr__(self, "context_s", context_s)
+        self._draft_points()  # refuse malformed drafter timings now, not in the middle of a simulation
 
     # ------------------------------------------------------------------------------------ lookups
     def time_at(self, tokens: float, rows: int | None = None) -> float:
@@ -165,20 +169,30 @@ class CostTable:
         base = self.time_at(tokens, rows) + self.pad_at(rows) * max(0.0, rows * width - tokens)
         return max(base + self.context_at(rows, width, context), 0.1 * base)  # far below it: keep a floor
 
-    def draft_time(self, rows: int) -> float | None:
-        """Seconds of one drafting round for `rows` requests, from the profile's drafter timing
-        (meta["drafter_propose_s"], `dspark profile --drafter`); None when it has none. Linear in R
-        between profiled counts and along the last two beyond them; the nearest below them."""
+    def _draft_points(self) -> list[tuple[int, float]]:
+        """meta["drafter_propose_s"] as sorted (R, seconds), validated; empty when absent."""
         measured = self.meta.get("drafter_propose_s")
         if not measured:
-            return None
+            return []
         try:
             points = sorted((int(r), float(s)) for r, s in dict(measured).items())
         except (TypeError, ValueError):
             raise DSparkError(f"cost table meta 'drafter_propose_s' must map request counts to seconds, "
                               f"got {measured!r}") from None
-        if any(r < 1 or not math.isfinite(s) or s < 0 for r, s in points):
-            raise DSparkError(f"cost table meta 'drafter_propose_s' needs counts >= 1 and seconds >= 0, got {measured!r}")
+        counts = [r for r, _ in points]
+        if any(r < 1 or not math.isfinite(s) or s < 0 for r, s in points) or len(set(counts)) != len(counts):
+            raise DSparkError(f"cost table meta 'drafter_propose_s' needs distinct counts >= 1 and seconds >= 0, "
+                              f"got {measured!r}")
+        return points
+
+    def draft_time(self, rows: int) -> float | None:
+        """Seconds of one drafting round for `rows` requests, from the profile's drafter timing
+        (meta["drafter_propose_s"], `dspark profile --drafter`); None when it has none. Linear in R
+        between profiled counts and along the last two beyond them; the nearest below them (a
+        single count: its value at every R)."""
+        points = self._draft_points()
+        if not points:
+            return None
         i = bisect_right([r for r, _ in points], rows)
         if i == 0 or len(points) == 1:
             return points[0][1]
@@ -226,8 +240,9 @@ class CostTable:
             out["by_rows"] = {str(r): {"tokens": list(t.tokens), "sps": list(t.sps)} for r, t in self.by_rows}
         if self.padding:
             out["padding_s"] = {str(r): c for r, c in self.padding}
-        if self.context_s:
+        if self.context is not None:
             out["context"] = self.context
+        if self.context_s:
             out["context_s"] = {str(r): list(ab) for r, ab in self.context_s}
         return out
 

@@ -113,6 +113,13 @@ def _greedy_path(candidates: Sequence[tuple[float, int, int]], num_rows: int, co
     return best_n
 
 
+def prices_shape(cost: CostTable, context: int | None) -> bool:
+    """Whether a round's cost depends on more than B and R: padding, or (given the round's longest
+    context) context. Then admission goes level by level, since the first request to verify a j-th
+    draft widens the whole round."""
+    return bool(cost.padding) or (bool(cost.context_s) and context is not None)
+
+
 def level_lengths(confidences: Confidences, max_lengths: Sequence[int], cost: CostTable,
                   context: int | None = None) -> list[int]:
     """Admission level by level, for engines that pay for padding (`cost.padding`).
@@ -170,7 +177,7 @@ def scheduled_lengths(confidences: Confidences, max_lengths: Sequence[int], cost
     * more requests never lengthen an existing request's verification (tests/test_scheduler.py
       states the proof). With a cliff in t (wave quantisation) both can fail.
     """
-    if cost.padding and early_stop:  # the engine pays for padding: admit level by level
+    if early_stop and prices_shape(cost, context):  # padding or context to pay: admit level by level
         return level_lengths(confidences, max_lengths, cost, context)
     candidates = _candidates(confidences, max_lengths)
     n = _greedy_path(candidates, len(max_lengths), cost, early_stop)
@@ -181,7 +188,7 @@ def async_budget(confidences: Confidences, max_lengths: Sequence[int], cost: Cos
                  context: int | None = None) -> int:
     """§5.2: the total number of drafts K that the global search (no early stop) would verify; with
     a table that prices padding, what level-by-level admission would verify."""
-    if cost.padding:
+    if prices_shape(cost, context):
         return sum(level_lengths(confidences, max_lengths, cost, context))
     return _greedy_path(_candidates(confidences, max_lengths), len(max_lengths), cost, early_stop=False)
 
@@ -209,7 +216,7 @@ class OnlineAcceptance:
     Pooled over requests, c_j is the posterior mean of P(draft j accepted | drafts < j accepted).
     Position 1 has a Beta(alpha, beta) prior (default Beta(1, 1): 0.5 before any evidence); each
     position j > 1 has a prior of the same weight (alpha + beta trials) centred on the acceptance
-    given survival pooled over all positions 2.. together, so a deep position that has rarely been
+    given survival pooled over the other positions 2.., so a deep position that has rarely been
     verified starts from what the other deep ones say rather than from a flat 0.5. This matters:
     acceptance given survival is often much higher past the first draft (an n-gram copy that got
     two tokens right tends to get all seven), and since estimates only learn where something is
@@ -225,9 +232,9 @@ class OnlineAcceptance:
     every round it takes part in, verified or not: a request that looked hopeless drifts back to the
     pooled estimate and is tried again (n-gram drafts that fail in prose may pay in the code that
     follows). Lossless: a round's estimates depend only on earlier rounds' outcomes, never on this
-    round's drafts. A pooled position that is never verified keeps what it had; the draft gate's
-    probes and the policy's idle-round exploration verify one draft per request so that the
-    estimates cannot stay pessimistic for ever.
+    round's drafts. A pooled position that is never verified follows the other deep positions'
+    evidence; the draft gate's probes and the policy's idle-round exploration verify one draft per
+    request so that the estimates cannot stay pessimistic for ever.
     """
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, decay: float = 0.99, request_prior: float = 4.0,
@@ -252,10 +259,12 @@ class OnlineAcceptance:
         weight = self.alpha + self.beta
         # Prior means: Beta(alpha, beta)'s for position 1; for deeper positions, the acceptance
         # given survival pooled over all of them (under the same prior).
-        deep = (sum(self.accepts[1:]) + self.alpha) / (sum(self.trials[1:]) + weight)
+        deep_n, deep_s = sum(self.trials[1:]), sum(self.accepts[1:])
         for j in range(length):
             n, s = (self.trials[j], self.accepts[j]) if j < len(self.trials) else (0.0, 0.0)
-            pooled = (s + weight * (deep if j else self.alpha / weight)) / (n + weight)
+            # position j's own counts count once: in its likelihood, not also in its prior mean
+            mean = (deep_s - s + self.alpha) / (deep_n - n + weight) if j else self.alpha / weight
+            pooled = (s + weight * mean) / (n + weight)
             p = pooled
             if own is not None and j < len(own[0]):
                 p = (own[1][j] + self.request_prior * pooled) / (own[0][j] + self.request_prior)
@@ -425,7 +434,8 @@ class EstimatedPolicy:
     Estimates only change where something is verified, so once they say "not worth it" they would
     stay so. After `explore_every` rounds in a row in which rows with estimates had drafts and none
     was verified, the next such round verifies one draft of each of them (and so does a draft
-    gate's probe, for every row). The choice is fixed by past rounds, so it stays lossless."""
+    gate's probe, for every request it lets draft). The choice is fixed by past rounds, so it stays
+    lossless."""
 
     def __init__(self, name: str, rule: Callable[[Confidences, Sequence[int], int | None], list[int]],
                  prior: OnlineAcceptance | None = None, draft_gate: bool = False, explore_every: int = 16,
@@ -503,7 +513,8 @@ class _AsyncRule:
             self._budgets.clear()
             return [0] * len(max_lengths)
         if len(self._budgets) >= self.lag:
-            lengths = top_k_lengths(filled, max_lengths, self._budgets.popleft(), by_level=bool(self.cost.padding))
+            lengths = top_k_lengths(filled, max_lengths, self._budgets.popleft(),
+                                    by_level=prices_shape(self.cost, context))
         else:
             lengths = scheduled_lengths(filled, max_lengths, self.cost, context=context)
         # What a pipelined engine would compute now, alongside this round's verification, for round t + lag.
