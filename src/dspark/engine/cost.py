@@ -32,6 +32,7 @@ import math
 import os
 import tempfile
 from bisect import bisect_right
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,18 @@ from dspark.errors import DSparkError
 
 FORMAT = "dspark-cost-table"
 VERSION = 1
+
+
+def _interpolate(points: Sequence[tuple[int, float]], x: float, extend: bool = False) -> float:
+    """Piecewise-linear value at x through (x_i, y_i) in increasing x_i: the first value below
+    them; above them the last value, or with `extend` the last segment continued."""
+    i = bisect_right([p for p, _ in points], x)
+    if i == 0 or len(points) == 1:
+        return points[0][1]
+    if i == len(points) and not extend:
+        return points[-1][1]
+    (x1, y1), (x2, y2) = points[min(i, len(points) - 1) - 1], points[min(i, len(points) - 1)]
+    return y1 + (y2 - y1) * (x - x1) / (x2 - x1)
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,8 @@ class CostTable:
         if context_s and self.context is None:
             raise DSparkError("a cost table with context_s needs the context it was measured at (an integer >= 0)")
         object.__setattr__(self, "context_s", context_s)
-        self._draft_points()  # refuse malformed drafter timings now, not in the middle of a simulation
+        # Parsed once, so that malformed drafter timings are refused now, not in a simulation.
+        object.__setattr__(self, "_drafter_points", self._draft_points())
 
     # ------------------------------------------------------------------------------------ lookups
     def time_at(self, tokens: float, rows: int | None = None) -> float:
@@ -135,16 +149,7 @@ class CostTable:
     def pad_at(self, rows: int) -> float:
         """Seconds one padded token adds to a round of `rows` requests (0 without padding data);
         linear in R between profiled counts, the nearest count's value outside them."""
-        if not self.padding:
-            return 0.0
-        counts = [r for r, _ in self.padding]
-        i = bisect_right(counts, rows)
-        if i == 0:
-            return self.padding[0][1]
-        if i == len(counts):
-            return self.padding[-1][1]
-        (r1, c1), (r2, c2) = self.padding[i - 1], self.padding[i]
-        return c1 + (c2 - c1) * (rows - r1) / (r2 - r1)
+        return _interpolate(self.padding, rows) if self.padding else 0.0
 
     def context_at(self, rows: int, width: int, context: int | None) -> float:
         """Seconds a round of `rows` rows padded to `width` gains (or, below the profiled context,
@@ -152,15 +157,8 @@ class CostTable:
         context). Per request: linear in R between profiled counts, the nearest count's outside."""
         if context is None or not self.context_s:
             return 0.0
-        counts = [r for r, _ in self.context_s]
-        i = bisect_right(counts, rows)
-        if i == 0 or i == len(counts):
-            r0, (a, b) = self.context_s[0 if i == 0 else -1]
-            a, b = a / r0, b / r0
-        else:
-            (r1, (a1, b1)), (r2, (a2, b2)) = self.context_s[i - 1], self.context_s[i]
-            w = (rows - r1) / (r2 - r1)
-            a, b = (1 - w) * a1 / r1 + w * a2 / r2, (1 - w) * b1 / r1 + w * b2 / r2
+        a = _interpolate([(r, ab[0] / r) for r, ab in self.context_s], rows)
+        b = _interpolate([(r, ab[1] / r) for r, ab in self.context_s], rows)
         return rows * (a + b * max(0, width - 1)) * (context - self.context)
 
     def round_time(self, tokens: float, rows: int, width: int, context: int | None = None) -> float:
@@ -190,14 +188,8 @@ class CostTable:
         (meta["drafter_propose_s"], `dspark profile --drafter`); None when it has none. Linear in R
         between profiled counts and along the last two beyond them; the nearest below them (a
         single count: its value at every R)."""
-        points = self._draft_points()
-        if not points:
-            return None
-        i = bisect_right([r for r, _ in points], rows)
-        if i == 0 or len(points) == 1:
-            return points[0][1]
-        (r1, s1), (r2, s2) = points[min(i, len(points) - 1) - 1: min(i, len(points) - 1) + 1]
-        return max(0.0, s1 + (s2 - s1) * (rows - r1) / (r2 - r1))
+        points = self._drafter_points
+        return max(0.0, _interpolate(points, rows, extend=True)) if points else None
 
     def sps_at(self, tokens: float, rows: int | None = None) -> float:
         """Steps per second SPS(B) (over `rows` requests when the table has per-row curves);

@@ -122,7 +122,8 @@ def prices_shape(cost: CostTable, context: int | None) -> bool:
 
 def level_lengths(confidences: Confidences, max_lengths: Sequence[int], cost: CostTable,
                   context: int | None = None) -> list[int]:
-    """Admission level by level, for engines that pay for padding (`cost.padding`).
+    """Admission level by level, for tables that price a round's width (`prices_shape`: padding,
+    or context).
 
     A padded round costs t(B) + c * (R * width - B): the first request to verify a j-th draft
     pays for the padding of every other row, the next ones fill it almost for free. Algorithm 1's
@@ -257,8 +258,8 @@ class OnlineAcceptance:
         own = self.requests.get(key) if key is not None else None
         out = []
         weight = self.alpha + self.beta
-        # Prior means: Beta(alpha, beta)'s for position 1; for deeper positions, the acceptance
-        # given survival pooled over all of them (under the same prior).
+        # Prior means: Beta(alpha, beta)'s for position 1; for a deeper position, the acceptance
+        # given survival pooled over the other deep positions (under the same prior).
         deep_n, deep_s = sum(self.trials[1:]), sum(self.accepts[1:])
         for j in range(length):
             n, s = (self.trials[j], self.accepts[j]) if j < len(self.trials) else (0.0, 0.0)
