@@ -558,6 +558,40 @@ def test_draft_gate_closes_when_drafting_cannot_pay_and_probes_again():
     assert not DraftGate(cost, good).allow([4], draft_seconds=1.0)
 
 
+def test_draft_gate_bound_never_changes_its_decision():
+    """The gate skips the search when even free verification of every draft cannot pay for the
+    drafting; on non-decreasing tables (flat, knee, padding, context) that is the search's answer."""
+    rng = random.Random(0)
+    tables = [CostTable.gpu_shaped(knee=16, base_ms=10.0, ms_per_token=1.0), CostTable.flat(50.0),
+              CostTable((1, 8, 64), (40.0, 30.0, 8.0), padding=((2, 0.001), (8, 0.0005))),
+              CostTable((1, 8, 64), (40.0, 30.0, 8.0), context=100, context_s=((1, (1e-5, 1e-6)), (8, (4e-5, 2e-6))))]
+    closed_by_bound = 0
+    for case in range(400):
+        cost = tables[case % len(tables)]
+        acc = OnlineAcceptance()
+        p = rng.choice([0.02, 0.1, 0.3, 0.6, 0.9])
+        lengths = [rng.randint(1, 4) for _ in range(30)]
+        acc.update(lengths, [sum(rng.random() < p for _ in range(n)) for n in lengths])
+        caps = [rng.randint(0, 5) for _ in range(rng.randint(1, 12))]
+        if max(caps) == 0:
+            continue
+        draft_s, context = rng.choice([0.0005, 0.005, 0.02, 0.08]), rng.choice([None, 50, 400])
+        # the search's answer, computed as the gate did before it had the bound
+        estimates = [acc.estimate(m) for m in caps]
+        n = scheduled_lengths(estimates, caps, cost, context=context)
+        expected = sum(sum(itertools.accumulate(e[:k], lambda x, y: x * y)) for e, k in zip(estimates, n))
+        rows = len(caps)
+        speculative = (rows + expected) / (cost.round_time(rows + sum(n), rows, 1 + max(n), context) + draft_s)
+        want = speculative > rows / cost.round_time(rows, rows, 1, context)
+        gate = DraftGate(cost, acc)
+        assert gate.allow(caps, draft_s, context=context) == want or gate.probing
+        assert gate.is_open == want
+        bound = sum(sum(itertools.accumulate(e, lambda x, y: x * y)) for e in estimates)
+        plain = cost.round_time(rows, rows, 1, context)
+        closed_by_bound += (rows + bound) / (plain + draft_s) <= rows / plain
+    assert 50 < closed_by_bound < 350  # both paths exercised
+
+
 def test_scheduled_policy_plans_no_drafts_while_its_gate_is_closed():
     cost = CostTable.gpu_shaped(knee=16, base_ms=10.0, ms_per_token=1.0)
     policy = build_policy("scheduled", 4, cost)

@@ -397,12 +397,20 @@ class DraftGate:
         # expected accepted drafts, their count the verified ones.
         keys = keys if keys is not None else [None] * rows
         estimates = [self.acceptance.estimate(m, k) for m, k in zip(max_lengths, keys)]
-        lengths = scheduled_lengths(estimates, max_lengths, self.cost, context=context)
-        expected = sum(sum(itertools.accumulate(e[:n], operator.mul)) for e, n in zip(estimates, lengths))
-        verify_time = self.cost.round_time(rows + sum(lengths), rows, 1 + max(lengths), context)
-        speculative = (rows + expected) / (verify_time + draft_seconds)
+        plain_time = self.cost.round_time(rows, rows, 1, context)
+        # Bound first: every draft's survival, verified for free. When even that cannot pay for
+        # the drafting, the gate is closed without the search (a weak drafter's gate stays closed
+        # for most rounds, and the search over many requests costs ~0.3 ms per round).
+        bound = sum(sum(itertools.accumulate(e, operator.mul)) for e in estimates)
+        if (rows + bound) / (plain_time + draft_seconds) <= rows / plain_time:
+            speculative = 0.0
+        else:
+            lengths = scheduled_lengths(estimates, max_lengths, self.cost, context=context)
+            expected = sum(sum(itertools.accumulate(e[:n], operator.mul)) for e, n in zip(estimates, lengths))
+            verify_time = self.cost.round_time(rows + sum(lengths), rows, 1 + max(lengths), context)
+            speculative = (rows + expected) / (verify_time + draft_seconds)
         was_probing = self.closed_rounds == 0 and not self.is_open
-        self.is_open = speculative > rows / self.cost.round_time(rows, rows, 1, context)
+        self.is_open = speculative > rows / plain_time
         if self.is_open:
             self.closed_rounds, self.wait = 0, self.probe_every
             return True
