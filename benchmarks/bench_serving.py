@@ -29,7 +29,8 @@ median run is reported (all runs are kept in results.json).
     .venv/bin/python benchmarks/bench_serving.py --drafter runs/dspark/step_100 [--concurrency 1,2,4,8,16]
     .venv/bin/python benchmarks/bench_serving.py --drafter ngram --prompts ../shared/data/eval/humaneval.jsonl
 
-Writes bench_results/serving/{results.json, report.md, throughput.png, simulation_*.png}.
+Writes bench_results/serving/{results.json, report.md, throughput.png, simulation_*.png, cost_table.json,
+trace.jsonl} (the last two replay with `dspark simulate --profile ... --trace ...`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from dspark.engine.cost import CostTable
 from dspark.engine.engine import Engine, Request
 from dspark.engine.profile import profile_target
 from dspark.engine.scheduler import build_policy
-from dspark.engine.simulate import plot_simulation, results_to_json, simulate, trace_from_stats
+from dspark.engine.simulate import plot_simulation, results_to_json, save_trace, simulate, trace_from_stats
 from dspark.models.target import load_model
 from dspark.text import encode_messages
 
@@ -172,6 +173,7 @@ def main() -> None:
             r["tokens_per_s_runs"] = [x["tokens_per_s"] for x in rs]
             results[spec][str(c)] = r
     plot_throughput(results, out / "throughput.png")
+    save_trace(traces, out / "trace.jsonl")  # replay: dspark simulate --profile cost_table.json --trace trace.jsonl
 
     sim = {}
     for label, table in (("measured", cost), ("gpu-shaped", CostTable.gpu_shaped(knee=64, max_tokens=4096))):

@@ -592,6 +592,54 @@ def test_draft_gate_bound_never_changes_its_decision():
     assert 50 < closed_by_bound < 350  # both paths exercised
 
 
+def test_draft_gate_reads_what_confident_picks_realised():
+    """With drafter confidences, the policy verifies the picks they make: acceptance learned on
+    those picks (here every verified draft is accepted) says nothing of the other drafts, so the
+    gate weighs what the policy's rounds realised: 1 draft gained per 4 requests that drafted."""
+    cost = CostTable.gpu_shaped(knee=16, base_ms=10.0, ms_per_token=1.0)  # 4 rows: 10 ms a round
+
+    def gate_after(confident: bool) -> DraftGate:
+        acc = OnlineAcceptance()
+        gate = DraftGate(cost, acc)
+        for _ in range(30):
+            chosen, accepted = [1, 0, 0, 0], [1, 0, 0, 0]
+            acc.update(chosen, accepted)
+            gate.record(chosen, [4] * 4, accepted, confident)
+        return gate
+
+    # 4 requests: plain decoding 4 / 10 ms; realised (4 + 1) / (10 ms + 3 ms of drafting): worse
+    assert not gate_after(confident=True).allow([4] * 4, draft_seconds=0.003)
+    # on the estimates (position 1 always accepted) every request would gain: the gate would open
+    assert gate_after(confident=False).allow([4] * 4, draft_seconds=0.003)
+    assert gate_after(confident=True).allow([4] * 4, draft_seconds=0.001)  # (4 + 1) / 11 ms pays
+
+    # A probe forced one draft on every request; the policy had chosen none for three of them,
+    # which count as gaining nothing, whatever the forced verification accepted.
+    gate = DraftGate(cost, OnlineAcceptance())
+    gate.record([2, 0, 0, 0], [4] * 4, [3, 1, 1, 1], confident=True)
+    assert gate.gained / gate.seen == pytest.approx(2 / 4) and gate.verified / gate.seen == pytest.approx(2 / 4)
+    assert gate.widest == 2
+    gate.record([0, 0], [0, 0], [0, 0], confident=False)  # nothing drafted: nothing learned
+    assert gate.confident and gate.seen == 4
+    with pytest.raises(DSparkError, match="memory"):
+        DraftGate(cost, OnlineAcceptance(), memory=0.5)
+
+
+def test_confident_policy_feeds_its_gate_its_own_lengths():
+    cost = CostTable.gpu_shaped(knee=1, base_ms=10.0, ms_per_token=5.0)  # every token costs
+    policy = build_policy("scheduled", 4, cost)
+    lengths = policy.decide([[0.99, 0.01], [0.01, 0.01]], [2, 2], keys=[0, 1])
+    assert lengths == [1, 0]
+    policy.record(lengths, [1, 0], keys=[0, 1])
+    gate = policy.gate
+    assert gate.confident and gate.seen == 2 and gate.gained == 1 and gate.verified == 1
+    policy.record([1, 0], [1, 0], keys=[0, 1])  # a record without a decision adds nothing to the gate
+    assert gate.seen == 2
+    estimated = build_policy("scheduled", 4, cost)  # no confidences: the gate keeps its estimates
+    estimated.record(estimated.decide([None, None], [2, 2], keys=[0, 1]), [0, 0], keys=[0, 1])
+    assert not estimated.gate.confident and estimated.gate.seen == 0
+
+
 def test_scheduled_policy_plans_no_drafts_while_its_gate_is_closed():
     cost = CostTable.gpu_shaped(knee=16, base_ms=10.0, ms_per_token=1.0)
     policy = build_policy("scheduled", 4, cost)

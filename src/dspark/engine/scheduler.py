@@ -370,12 +370,22 @@ class DraftGate:
     again, and a probe of every request cost a weak DSpark drafter ~2% of plain decoding's
     throughput at 16 requests), and verifies at least one draft of each (`probing`), or
     pessimistic estimates could never be revised.
+
+    When the drafter gives confidences, the policy verifies the drafts they pick, not what the
+    estimates would: acceptance learned on those picks is acceptance *given* high confidence, and
+    on it the gate would see every request's first draft as good as the picked ones. For such
+    rounds the gate reads what the policy's own lengths realised instead (`record`): per request
+    that drafted, drafts accepted and drafts verified, and per round the longest verification,
+    over the last ~`memory` requests' rounds (probes included, counted at the lengths the policy
+    chose before the probe forced one).
     Lossless: it uses past rounds only, only lowers how many tokens a drafter may propose, and a
     probe's forced length is fixed before anything is drafted.
     """
 
     def __init__(self, cost: CostTable, acceptance: OnlineAcceptance, probe_every: int = 16,
-                 max_probe_every: int = 256, probe_rows: int = 4):
+                 max_probe_every: int = 256, probe_rows: int = 4, memory: float = 16.0):
+        if memory < 1:
+            raise DSparkError(f"gate memory must be >= 1 request-round, got {memory}")
         if not 1 <= probe_every <= max_probe_every:
             raise DSparkError(f"need 1 <= probe_every <= max_probe_every, got {probe_every}, {max_probe_every}")
         if probe_rows < 1:
@@ -386,6 +396,37 @@ class DraftGate:
         self.closed_rounds = 0
         self.is_open = True
         self.probing = False  # this round drafts only because a probe is due
+        # What the policy's lengths realised on confident drafters' rounds (decayed sums over the
+        # requests that drafted; `widest` over rounds); `confident`: the last drafting round had
+        # drafter confidences.
+        self.memory, self.confident = memory, False
+        self.seen = self.gained = self.verified = self.widest = 0.0
+
+    def record(self, chosen: Sequence[int], caps: Sequence[int], num_accepted: Sequence[int],
+               confident: bool) -> None:
+        """A verified round: `chosen` are the policy's own lengths (before a probe forced any),
+        `caps` what each request drafted, `num_accepted` what verification accepted."""
+        drafted = [(n, a) for n, cap, a in zip(chosen, caps, num_accepted) if cap > 0]
+        if not drafted:
+            return
+        self.confident = confident
+        if not confident:
+            return
+        keep = (1.0 - 1.0 / self.memory) ** len(drafted)
+        # A forced longer verification accepted a; the policy's n would have accepted min(a, n)
+        # (acceptance of draft j depends on drafts <= j only).
+        self.gained = keep * self.gained + sum(min(a, n) for n, a in drafted)
+        self.verified = keep * self.verified + sum(n for n, _ in drafted)
+        widest = max(n for n, _ in drafted)
+        self.widest = widest if self.seen == 0 else 0.8 * self.widest + 0.2 * widest
+        self.seen = keep * self.seen + len(drafted)
+
+    def _realised_rate(self, max_lengths: Sequence[int], draft_seconds: float, context: int | None) -> float:
+        """Tokens per second if every request that can draft did, and did as well as lately."""
+        rows, drafting = len(max_lengths), sum(1 for m in max_lengths if m > 0)
+        gained, verified = drafting * self.gained / self.seen, drafting * self.verified / self.seen
+        width = 1 + min(self.widest, max(max_lengths))
+        return (rows + gained) / (self.cost.round_time(rows + verified, rows, width, context) + draft_seconds)
 
     def allow(self, max_lengths: Sequence[int], draft_seconds: float | None,
               keys: Sequence[object] | None = None, context: int | None = None) -> bool:
@@ -393,11 +434,13 @@ class DraftGate:
         self.probing = False
         if draft_seconds is None or rows == 0 or max(max_lengths) == 0:
             return True
+        plain_time = self.cost.round_time(rows, rows, 1, context)
+        if self.confident and self.seen > 0:
+            return self._decide(self._realised_rate(max_lengths, draft_seconds, context) > rows / plain_time)
         # Algorithm 1's admission on the estimates: the admitted candidates' survivals are the
         # expected accepted drafts, their count the verified ones.
         keys = keys if keys is not None else [None] * rows
         estimates = [self.acceptance.estimate(m, k) for m, k in zip(max_lengths, keys)]
-        plain_time = self.cost.round_time(rows, rows, 1, context)
         # Bound first: every draft's survival, verified for free. When even that cannot pay for
         # the drafting, the gate is closed without the search (a weak drafter's gate stays closed
         # for most rounds, and the search over many requests costs ~0.3 ms per round).
@@ -409,8 +452,11 @@ class DraftGate:
             expected = sum(sum(itertools.accumulate(e[:n], operator.mul)) for e, n in zip(estimates, lengths))
             verify_time = self.cost.round_time(rows + sum(lengths), rows, 1 + max(lengths), context)
             speculative = (rows + expected) / (verify_time + draft_seconds)
+        return self._decide(speculative > rows / plain_time)
+
+    def _decide(self, pays: bool) -> bool:
         was_probing = self.closed_rounds == 0 and not self.is_open
-        self.is_open = speculative > rows / plain_time
+        self.is_open = pays
         if self.is_open:
             self.closed_rounds, self.wait = 0, self.probe_every
             return True
@@ -456,6 +502,7 @@ class EstimatedPolicy:
         self.acceptance = prior or OnlineAcceptance()
         self.__dict__.update(settings)  # e.g. threshold, cost: visible to callers and metrics
         self.gate = DraftGate(settings["cost"], self.acceptance) if draft_gate else None
+        self._chosen: tuple[list[int], list[int], bool] | None = None  # this round's, until recorded
 
     def plan(self, requests: Sequence[DraftRequest], draft_seconds: float | None) -> list[int]:
         """Most tokens each request may draft this round (all of them unless the gate is closed)."""
@@ -468,6 +515,9 @@ class EstimatedPolicy:
 
     def decide(self, confidences, max_lengths, keys=None, context=None) -> list[int]:
         lengths = self.rule(self.acceptance.fill(confidences, max_lengths, keys), max_lengths, context)
+        # The policy's own choice, for the gate's record of what it realises (before any forcing).
+        self._chosen = (list(lengths), list(max_lengths),
+                        any(c is not None for c, cap in zip(confidences, max_lengths) if cap > 0))
         estimated = [c is None and cap > 0 for c, cap in zip(confidences, max_lengths)]
         explore = [False] * len(lengths)
         if any(estimated):
@@ -485,6 +535,9 @@ class EstimatedPolicy:
 
     def record(self, lengths, num_accepted, keys=None) -> None:
         self.acceptance.update(lengths, num_accepted, keys)
+        if self.gate is not None and self._chosen is not None:
+            self.gate.record(*self._chosen[:2], num_accepted, self._chosen[2])
+            self._chosen = None
 
     def __call__(self, requests, proposals) -> list[int]:
         return self.decide(*proposal_inputs(requests, proposals), longest_context(requests))
