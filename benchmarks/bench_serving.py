@@ -17,7 +17,7 @@ Measured side by side in one run, on SmolLM2-135M (bf16), greedy, one engine per
      bf16 logits depend slightly on the batch's shape, so greedy texts can part at a near tie, and
      with them what there is to draft.
      Goal: scheduled >= the best of the others at every R, and never below no speculation;
-  3. the fixed:7 rounds as a trace, replayed by the simulator at up to 256 concurrent requests on
+  3. the fixed:7 rounds (when fixed:7 is measured) as a trace, replayed by the simulator at up to 256 concurrent requests on
      the measured table (with the drafter's measured time per round, so the draft gate plays its
      part) and on a synthetic GPU-shaped table (flat to a knee, then linear; no draft cost).
 
@@ -89,7 +89,8 @@ def run_level(target, drafter, policy, prompts: list[list[int]], concurrency: in
     return {"tokens_per_s": tokens / wall_s, "per_user_tokens_per_s": sum(o.stats.tokens_per_second for o in outs) / len(outs),
             "accept_length": sum(o.stats.committed_in_rounds for o in outs) / max(rounds, 1),
             "verified_per_round": sum(o.stats.num_verified for o in outs) / max(rounds, 1), "wall_s": wall_s,
-            "tokens": tokens, "stats": [o.stats for o in outs], "texts": {o.request_id: o.token_ids for o in outs}}
+            "tokens": tokens, "stats": [o.stats for o in outs], "texts": {o.request_id: o.token_ids for o in outs},
+            "prompt_lengths": [len(o.prompt_ids) for o in outs]}
 
 
 def plot_throughput(results: dict, path: Path) -> None:
@@ -159,11 +160,11 @@ def main() -> None:
             for spec in policies[repeat % len(policies):] + policies[: repeat % len(policies)]:
                 d = NoDrafter() if spec == "none" else build_drafter(args.drafter, target)
                 r = run_level(target, d, build_policy(spec, BLOCK, cost), prompts, c, lengths)
-                stats, texts = r.pop("stats"), r.pop("texts")
+                stats, texts, prompt_lengths = r.pop("stats"), r.pop("texts"), r.pop("prompt_lengths")
                 reference = reference or texts
                 r["same_text"] = sum(texts[i] == reference[i] for i in texts) / len(texts)
                 if spec == "fixed:7" and repeat == 0:
-                    traces += trace_from_stats(stats, [f"{c}:{i}" for i in range(len(stats))])
+                    traces += trace_from_stats(stats, [f"{c}:{i}" for i in range(len(stats))], prompt_lengths)
                 runs[spec].append(r)
                 print(f"R={c:3d} {spec:10s} {r['tokens_per_s']:7.1f} tok/s  per user {r['per_user_tokens_per_s']:6.1f}  "
                       f"tau {r['accept_length']:.2f}  verified/round {r['verified_per_round']:.2f}  "
@@ -173,14 +174,14 @@ def main() -> None:
             r["tokens_per_s_runs"] = [x["tokens_per_s"] for x in rs]
             results[spec][str(c)] = r
     plot_throughput(results, out / "throughput.png")
-    save_trace(traces, out / "trace.jsonl")  # replay: dspark simulate --profile cost_table.json --trace trace.jsonl
-
     sim = {}
-    for label, table in (("measured", cost), ("gpu-shaped", CostTable.gpu_shaped(knee=64, max_tokens=4096))):
-        res = simulate(traces, table, ("none", "fixed:3", "fixed:7", "scheduled", "async"),
-                       (1, 2, 4, 8, 16, 32, 64, 128, 256), steps=256)
-        sim[label] = results_to_json(res)
-        plot_simulation(res, out / f"simulation_{label}.png")
+    if traces:  # fixed:7 was measured: its rounds verify everything drafted
+        save_trace(traces, out / "trace.jsonl")  # replay: dspark simulate --profile cost_table.json --trace trace.jsonl
+        for label, table in (("measured", cost), ("gpu-shaped", CostTable.gpu_shaped(knee=64, max_tokens=4096))):
+            res = simulate(traces, table, ("none", "fixed:3", "fixed:7", "scheduled", "async"),
+                           (1, 2, 4, 8, 16, 32, 64, 128, 256), steps=256)
+            sim[label] = results_to_json(res)
+            plot_simulation(res, out / f"simulation_{label}.png")
     (out / "results.json").write_text(json.dumps({"drafter": args.drafter, "threads": args.threads,
                                                   "requests_per_level": args.requests_per_level, "repeats": args.repeats,
                                                   "max_new_tokens": args.max_new_tokens, "cost_table": cost.to_json(),

@@ -309,11 +309,11 @@ def test_online_acceptance_forgets_old_evidence_only_in_rounds_that_verify():
         OnlineAcceptance(request_prior=0)
 
 
-def test_a_probe_round_verifies_at_least_one_draft_per_request():
+def test_a_probe_round_verifies_at_least_one_draft_per_request_without_confidences():
     """A closed gate never lets the scheduler learn that drafts got better unless its probes verify."""
     cost = table({1: 100.0, 2: 50.0})  # every verified token costs as much as the whole step
     policy = ScheduledPolicy(cost, draft_gate=True)
-    policy.gate.probe_every = policy.gate.wait = 2
+    policy.gate.probe_every = policy.gate.wait = policy.gate.max_probe_every = 2
     policy.acceptance.update([4] * 50, [0] * 50)  # looks hopeless
     requests = [type("R", (), {"max_tokens": 4, "uid": i})() for i in range(3)]
     assert policy.plan(requests, 0.02) == [0, 0, 0] and not policy.gate.probing
@@ -321,6 +321,12 @@ def test_a_probe_round_verifies_at_least_one_draft_per_request():
     assert policy.decide([None] * 3, [4, 0, 2], [0, 1, 2]) == [1, 0, 1]
     assert policy.plan(requests, 0.02) == [0, 0, 0] and not policy.gate.probing
     assert policy.decide([None] * 3, [4, 0, 2], [0, 1, 2]) == [0, 0, 0]
+    # Drafts with confidences are not forced: the gate judges them by the policy's own lengths.
+    assert policy.plan(requests, 0.02) == [4, 4, 4] and policy.gate.probing
+    assert policy.decide([[0.01] * 4, None, [0.01] * 2], [4, 0, 2], [0, 1, 2]) == [0, 0, 0]
+    assert policy.plan(requests, 0.02) == [0, 0, 0]
+    assert policy.plan(requests, 0.02) == [4, 4, 4] and policy.gate.probing
+    assert policy.decide([[0.01] * 4, None, None], [4, 0, 2], [0, 1, 2]) == [0, 0, 1]
 
 
 def test_a_probe_drafts_for_a_few_requests_in_turn():
@@ -843,6 +849,33 @@ def test_trace_from_engine_stats_round_trips_through_jsonl(qwen3_target, tmp_pat
     assert all(r["confidences"] == [] and "proposed" in r for r in no_conf)
     counts = collections.Counter(r.policy for r in simulate(no_conf, CostTable.flat(), ["scheduled", "threshold"], [4], steps=5))
     assert counts == {"scheduled": 1, "threshold": 1}
+
+
+def test_trace_contexts_follow_each_request_and_the_simulator_prices_them(qwen3_target, tmp_path):
+    engine = Engine(qwen3_target, NgramDrafter(), EngineConfig(block_size=4, max_batch_size=3, max_seq_len=64))
+    outs = engine.generate([Request(p, stop=StopParams(max_new_tokens=m)) for p, m in zip(PROMPTS, MAX_NEW)])
+    records = trace_from_stats([o.stats for o in outs], contexts=[len(o.prompt_ids) for o in outs])
+    for i, o in enumerate(outs):  # a round's context: the prompt plus what earlier rounds committed
+        starts = [len(o.prompt_ids)] + [len(o.prompt_ids) + c for c in
+                                        itertools.accumulate(committed for _, _, committed in o.stats.round_log)]
+        mine = [r["context"] for r in records if r["request"] == i]
+        assert mine and set(mine) <= set(starts[:-1]) and mine == sorted(mine)
+    save_trace(records, tmp_path / "trace.jsonl")
+    assert [r.context for r, _ in load_trace(tmp_path / "trace.jsonl")] == [r["context"] for r in records]
+
+    # Same acceptance, contexts 100 and 1100; the table adds 10 us per cached token beyond 100 per row.
+    trace = [{"confidences": [], "proposed": 2, "accepted": 2, "request": i // 4, "context": ctx}
+             for i, ctx in enumerate([100] * 400 + [1100] * 400)]
+    short, long = trace[:400], [dict(r, context=1100) for r in trace[:400]]
+    cost = CostTable((1, 64), (100.0, 50.0), context=100, context_s=((1, (1e-5, 0.0)), (8, (8e-5, 0.0))))
+    at = {name: {r.policy: r for r in simulate(t, cost, ["none", "fixed"], [4], steps=50)}
+          for name, t in (("short", short), ("long", long), ("unsaid", [{k: v for k, v in r.items() if k != "context"}
+                                                                        for r in long]))}
+    for policy in ("none", "fixed"):
+        assert at["short"][policy].tokens_per_s == pytest.approx(at["unsaid"][policy].tokens_per_s)
+        assert at["long"][policy].tokens_per_s < 0.8 * at["short"][policy].tokens_per_s  # 40 ms more per round
+    with pytest.raises(DSparkError, match="'context' must be an integer"):
+        load_trace([{"confidences": [0.5], "accepted": 0, "context": -1}])
 
 
 def test_plot_simulation_writes_a_png(tmp_path):

@@ -530,7 +530,8 @@ def run_profile(args) -> int:
 def add_simulate_parser(sub) -> None:
     p = sub.add_parser("simulate", help="replay a round trace under a cost table: tokens/s per policy and load")
     p.add_argument("--profile", required=True, help="cost table JSON (dspark profile, or SGLang's sps.json)")
-    p.add_argument("--trace", required=True, help="JSONL of {confidences, accepted} per request-round")
+    p.add_argument("--trace", required=True,
+                   help="JSONL of {confidences, accepted} per request-round (optional: proposed, request, context)")
     p.add_argument("--concurrency", type=_int_list, default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     p.add_argument("--policies", default="none,fixed,scheduled,async", help="none, fixed[:K], threshold[:C], scheduled, async")
     p.add_argument("--steps", type=_positive_int, default=256)

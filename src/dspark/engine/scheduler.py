@@ -309,8 +309,11 @@ class OnlineAcceptance:
 
 def longest_context(requests: Sequence[DraftRequest]) -> int | None:
     """Cached tokens of the longest request in a round (what attention reads, padded rows
-    included); None when the requests do not say (the simulator's carry no tokens)."""
-    return max((len(ids) - 1 for r in requests if (ids := getattr(r, "token_ids", None))), default=None)
+    included): len(token_ids) - 1, or a `cached` count (the simulator's requests carry no tokens);
+    None when no request says."""
+    lengths = [r.cached if getattr(r, "cached", None) is not None else len(ids) - 1
+               for r in requests if getattr(r, "cached", None) is not None or (ids := getattr(r, "token_ids", None))]
+    return max(lengths, default=None)
 
 
 def proposal_inputs(requests: Sequence[DraftRequest], proposals: Sequence[Proposal]):
@@ -332,7 +335,7 @@ class NonePolicy:
     def __init__(self):
         self.last_budget = 0
 
-    def decide(self, confidences, max_lengths, keys=None) -> list[int]:
+    def decide(self, confidences, max_lengths, keys=None, context=None) -> list[int]:
         return [0] * len(max_lengths)
 
     def __call__(self, requests, proposals) -> list[int]:
@@ -346,7 +349,7 @@ class FixedPolicy:
         fixed_lengths([], k)  # validates k
         self.k, self.name, self.last_budget = k, f"fixed:{k}", 0
 
-    def decide(self, confidences, max_lengths, keys=None) -> list[int]:
+    def decide(self, confidences, max_lengths, keys=None, context=None) -> list[int]:
         lengths = fixed_lengths(max_lengths, self.k)
         self.last_budget = sum(lengths)
         return lengths
@@ -368,8 +371,8 @@ class DraftGate:
     finds it still closed doubles the wait (up to `max_probe_every`). A probe drafts for
     `probe_rows` requests only, taken in turn (a sample is enough to tell whether drafting pays
     again, and a probe of every request cost a weak DSpark drafter ~2% of plain decoding's
-    throughput at 16 requests), and verifies at least one draft of each (`probing`), or
-    pessimistic estimates could never be revised.
+    throughput at 16 requests), and verifies at least one draft of each that has no confidences
+    (`probing`), or pessimistic estimates could never be revised.
 
     When the drafter gives confidences, the policy verifies the drafts they pick, not what the
     estimates would: acceptance learned on those picks is acceptance *given* high confidence, and
@@ -527,8 +530,11 @@ class EstimatedPolicy:
                 self.idle_rounds += 1
                 if self.idle_rounds > self.explore_every:
                     explore, self.idle_rounds = estimated, 0
-        if self.gate is not None and self.gate.probing:  # the probe's point is to learn
-            explore = [True] * len(lengths)
+        if self.gate is not None and self.gate.probing:
+            # The probe's point is to learn: estimates only from verified drafts. Rows with
+            # confidences are judged by what the policy's own lengths realise (DraftGate.record),
+            # which needs no forced verification.
+            explore = [c is None for c in confidences]
         lengths = [max(n, min(1, cap)) if e else n for n, cap, e in zip(lengths, max_lengths, explore)]
         self.last_budget = sum(lengths)
         return lengths

@@ -6,6 +6,7 @@ drafted token (the fixed policy at full block size):
     {"confidences": [c_1, ..., c_k], "accepted": a}            # a <= k drafts accepted
     {"confidences": [], "proposed": k, "accepted": a}          # a drafter without confidences
     optional "request": id                                     # keeps a request's rounds in order
+    optional "context": n                                      # the request's cached tokens then
 
 `accepted` is how many drafts a *full* verification accepted, so a request verified to length L
 accepts min(a, L) — exact for the realised draws, since the acceptance test of draft j depends
@@ -17,7 +18,9 @@ record (a request replays a recorded request's rounds in order, or `rounds_per_r
 drawn from the pool when records carry no request ids) and is replaced by a freshly sampled one
 when its rounds run out. Records are consumed one per round whatever the policy, so every policy
 sees the same record sequence (a paired comparison). A step costs the table's round time for
-B = R + sum l_r tokens (per-R curves and padding included when the table has them), plus, when the
+B = R + sum l_r tokens (per-R curves and padding included when the table has them; when the table
+prices context and every record of the step says its context, at the step's longest one, as the
+engine prices a round, and the policies see it too), plus, when the
 table carries the drafter's timing (`dspark profile --drafter`), one drafting round for the
 requests that drafted. A policy with a draft gate is then asked before each step, with that
 drafting time, which requests may draft at all (as the engine asks it); a request refused keeps
@@ -26,6 +29,7 @@ its record's place but drafts nothing.
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -42,6 +46,7 @@ class Round:
     confidences: tuple[float, ...] | None  # None: the drafter gave none (policies estimate online)
     proposed: int
     accepted: int
+    context: int | None = None  # the request's cached tokens at this round (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,11 @@ def parse_round(record: object, where: str = "trace record") -> tuple[Round, obj
         raise DSparkError(f"{where}: 'proposed' is {proposed} but there are {len(conf)} confidences")
     if accepted > proposed:
         raise DSparkError(f"{where}: 'accepted' {accepted} exceeds the {proposed} drafted tokens")
-    return Round(tuple(float(c) for c in conf) if conf else None, proposed, accepted), record.get("request")
+    context = record.get("context")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 0):
+        raise DSparkError(f"{where}: 'context' must be an integer >= 0 (cached tokens), got {context!r}")
+    return (Round(tuple(float(c) for c in conf) if conf else None, proposed, accepted, context),
+            record.get("request"))
 
 
 def load_trace(source: str | Path | Iterable[Mapping]) -> list[tuple[Round, object]]:
@@ -98,28 +107,39 @@ def load_trace(source: str | Path | Iterable[Mapping]) -> list[tuple[Round, obje
     return out
 
 
-def trace_from_logs(round_log: Iterable, confidence_log: Iterable, request=None) -> list[dict]:
+def trace_from_logs(round_log: Iterable, confidence_log: Iterable, request=None,
+                    context: int | None = None) -> list[dict]:
     """Records from one request's round log (verified, accepted, committed) and confidence log.
 
     A round is kept when its acceptance is known for a full verification: everything drafted was
-    verified, or a draft was rejected before the verified prefix ended."""
+    verified, or a draft was rejected before the verified prefix ended. With `context` (the
+    request's cached tokens at its first round: its prompt's length), each record also says the
+    request's context at that round."""
     records = []
-    for (verified, accepted, _), conf in zip(round_log, confidence_log):
+    for (verified, accepted, committed), conf in zip(round_log, confidence_log):
         proposed = len(conf) if conf else verified
         if verified == proposed or accepted < verified:
             record = {"confidences": list(conf), "accepted": accepted}
             if not conf:
                 record["proposed"] = proposed
             record["request"] = request
+            if context is not None:
+                record["context"] = context
             records.append(record)
+        if context is not None:
+            context += committed
     return records
 
 
-def trace_from_stats(stats: Iterable, request_ids: Iterable | None = None) -> list[dict]:
-    """Records from the engine's RequestStats (round_log + confidence_log) of a verify-all run."""
-    ids = list(request_ids) if request_ids is not None else None
-    return [record for i, s in enumerate(stats)
-            for record in trace_from_logs(s.round_log, s.confidence_log, ids[i] if ids is not None else i)]
+def trace_from_stats(stats: Iterable, request_ids: Iterable | None = None,
+                     contexts: Iterable[int] | None = None) -> list[dict]:
+    """Records from the engine's RequestStats (round_log + confidence_log) of a verify-all run;
+    `contexts`: each request's prompt length, to record every round's context."""
+    stats = list(stats)
+    ids = list(request_ids) if request_ids is not None else list(range(len(stats)))
+    starts = list(contexts) if contexts is not None else [None] * len(stats)
+    return [record for s, rid, start in zip(stats, ids, starts)
+            for record in trace_from_logs(s.round_log, s.confidence_log, rid, start)]
 
 
 def save_trace(records: Iterable[Mapping], path: str | Path) -> None:
@@ -193,6 +213,7 @@ class _Asked:
 
     max_tokens: int
     uid: int
+    cached: int | None = None  # the request's context (longest_context reads it)
 
 
 def _run(name: str, policy, source: _Source, cost: CostTable, concurrency: int, steps: int, block_size: int,
@@ -204,23 +225,32 @@ def _run(name: str, policy, source: _Source, cost: CostTable, concurrency: int, 
     drafts = draft_cost and getattr(policy, "name", name) != "none"  # plain decoding runs no drafter
     draft_s = cost.draft_time(concurrency) if drafts else None
     plan = getattr(policy, "plan", None) if draft_s is not None else None
+    # The step's longest context, when the table prices context and the records say theirs.
+    by_context = bool(cost.context_s) and "context" in inspect.signature(policy.decide).parameters
     seconds = committed = verified = 0.0
     for _ in range(steps):
         current = [lifetime.pop(0) for lifetime in active]
         confidences = [r.confidences for r in current]
         caps = [r.proposed for r in current]
+        context = None
+        if by_context and all(r.context is not None for r in current):
+            context = max(r.context for r in current)
         if draft_s is not None:
-            allowed = list(plan([_Asked(block_size, k) for k in keys], draft_s)) if plan else [block_size] * concurrency
+            asked = [_Asked(block_size, k, r.context if context is not None else None) for k, r in zip(keys, current)]
+            allowed = list(plan(asked, draft_s)) if plan else [block_size] * concurrency
             drafting = sum(1 for n in allowed if n > 0)
             if drafting:
                 seconds += cost.draft_time(drafting)
             caps = [min(c, n) for c, n in zip(caps, allowed)]
-        lengths = list(policy.decide(confidences, caps, keys))
+        if context is None:
+            lengths = list(policy.decide(confidences, caps, keys))
+        else:
+            lengths = list(policy.decide(confidences, caps, keys, context=context))
         assert all(0 <= n <= c for n, c in zip(lengths, caps)), (name, lengths, caps)
         accepted = [min(r.accepted, n) for r, n in zip(current, lengths)]
         if record is not None:
             record(lengths, accepted, keys)
-        seconds += cost.round_time(concurrency + sum(lengths), concurrency, 1 + max(lengths, default=0))
+        seconds += cost.round_time(concurrency + sum(lengths), concurrency, 1 + max(lengths, default=0), context)
         committed += sum(accepted) + concurrency
         verified += sum(lengths)
         for i, lifetime in enumerate(active):
