@@ -324,8 +324,9 @@ def proposal_inputs(requests: Sequence[DraftRequest], proposals: Sequence[Propos
 
 
 # ------------------------------------------------------------------------------------ adapters
-# Each adapter: decide(confidences, caps, keys=None) -> lengths on plain lists (the simulator calls
-# it; keys identify requests across rounds), record(lengths, num_accepted, keys=None) after
+# Each adapter: decide(confidences, caps, keys=None, context=None) -> lengths on plain lists (the
+# simulator calls it; keys identify requests across rounds; context: the round's longest cached
+# context, for tables that price it), record(lengths, num_accepted, keys=None) after
 # verification, __call__/observe for the engine, last_budget.
 class NonePolicy:
     """Verify nothing: every round commits one target token, i.e. plain decoding, through the same engine."""
@@ -425,7 +426,11 @@ class DraftGate:
         self.seen = keep * self.seen + len(drafted)
 
     def _realised_rate(self, max_lengths: Sequence[int], draft_seconds: float, context: int | None) -> float:
-        """Tokens per second if every request that can draft did, and did as well as lately."""
+        """Tokens per second if every request that can draft did, and did as well as lately.
+
+        Per request that drafted a non-empty proposal (a drafter that often proposes nothing
+        would look better here than it is; DSpark fills its block). `memory` counts requests, not
+        rounds: 16 requests' outcomes are as many samples in one round of 16 as in 16 rounds of one."""
         rows, drafting = len(max_lengths), sum(1 for m in max_lengths if m > 0)
         gained, verified = drafting * self.gained / self.seen, drafting * self.verified / self.seen
         width = 1 + min(self.widest, max(max_lengths))
@@ -446,7 +451,10 @@ class DraftGate:
         estimates = [self.acceptance.estimate(m, k) for m, k in zip(max_lengths, keys)]
         # Bound first: every draft's survival, verified for free. When even that cannot pay for
         # the drafting, the gate is closed without the search (a weak drafter's gate stays closed
-        # for most rounds, and the search over many requests costs ~0.3 ms per round).
+        # for most rounds, and the search over many requests costs ~0.3 ms per round). It is the
+        # search's answer when a round never costs less than plain decoding's: true of profiled
+        # tables (stored non-decreasing) at or above the profiled context; a hand-made table that
+        # falls, or a context far below the profiled one, could make it close a little early.
         bound = sum(sum(itertools.accumulate(e, operator.mul)) for e in estimates)
         if (rows + bound) / (plain_time + draft_seconds) <= rows / plain_time:
             speculative = 0.0
@@ -492,8 +500,8 @@ class EstimatedPolicy:
     Estimates only change where something is verified, so once they say "not worth it" they would
     stay so. After `explore_every` rounds in a row in which rows with estimates had drafts and none
     was verified, the next such round verifies one draft of each of them (and so does a draft
-    gate's probe, for every request it lets draft). The choice is fixed by past rounds, so it stays
-    lossless."""
+    gate's probe, for every request it lets draft that has no confidences). The choice is fixed by
+    past rounds, so it stays lossless."""
 
     def __init__(self, name: str, rule: Callable[[Confidences, Sequence[int], int | None], list[int]],
                  prior: OnlineAcceptance | None = None, draft_gate: bool = False, explore_every: int = 16,

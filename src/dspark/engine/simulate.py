@@ -188,7 +188,9 @@ def simulate(
     """One result per (policy, concurrency). `policies` are `build_policy` specs (block size = the
     longest proposal in the trace) or name -> zero-argument factory of a fresh policy object with
     `decide(confidences, caps, keys)` (and optionally `record(lengths, num_accepted, keys)`; keys
-    identify request lifetimes, and `plan(requests, draft_seconds)` for a draft gate).
+    identify request lifetimes, and `plan(requests, draft_seconds)` for a draft gate). When the
+    table prices context and the step's records say theirs, every policy's step is priced at the
+    longest, and `decide` is also given it (`context=`) if it takes that argument.
     draft_cost=False leaves the drafter's time (and so the gate) out even if the table has it."""
     rounds = load_trace(trace)
     if steps < 1 or rounds_per_request < 1 or any(c < 1 for c in concurrencies):
@@ -225,15 +227,17 @@ def _run(name: str, policy, source: _Source, cost: CostTable, concurrency: int, 
     drafts = draft_cost and getattr(policy, "name", name) != "none"  # plain decoding runs no drafter
     draft_s = cost.draft_time(concurrency) if drafts else None
     plan = getattr(policy, "plan", None) if draft_s is not None else None
-    # The step's longest context, when the table prices context and the records say theirs.
-    by_context = bool(cost.context_s) and "context" in inspect.signature(policy.decide).parameters
+    # The step's longest context prices the step when the table prices context and the records say
+    # theirs (for every policy alike); the policy is told it if its decide() takes it.
+    parameters = inspect.signature(policy.decide).parameters
+    tell_context = "context" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     seconds = committed = verified = 0.0
     for _ in range(steps):
         current = [lifetime.pop(0) for lifetime in active]
         confidences = [r.confidences for r in current]
         caps = [r.proposed for r in current]
         context = None
-        if by_context and all(r.context is not None for r in current):
+        if cost.context_s and all(r.context is not None for r in current):
             context = max(r.context for r in current)
         if draft_s is not None:
             asked = [_Asked(block_size, k, r.context if context is not None else None) for k, r in zip(keys, current)]
@@ -242,7 +246,7 @@ def _run(name: str, policy, source: _Source, cost: CostTable, concurrency: int, 
             if drafting:
                 seconds += cost.draft_time(drafting)
             caps = [min(c, n) for c, n in zip(caps, allowed)]
-        if context is None:
+        if context is None or not tell_context:
             lengths = list(policy.decide(confidences, caps, keys))
         else:
             lengths = list(policy.decide(confidences, caps, keys, context=context))
