@@ -311,8 +311,13 @@ def longest_context(requests: Sequence[DraftRequest]) -> int | None:
     """Cached tokens of the longest request in a round (what attention reads, padded rows
     included): len(token_ids) - 1, or a `cached` count (the simulator's requests carry no tokens);
     None when no request says."""
-    lengths = [r.cached if getattr(r, "cached", None) is not None else len(ids) - 1
-               for r in requests if getattr(r, "cached", None) is not None or (ids := getattr(r, "token_ids", None))]
+    lengths = []
+    for r in requests:
+        cached = getattr(r, "cached", None)
+        if cached is None and getattr(r, "token_ids", None):
+            cached = len(r.token_ids) - 1
+        if cached is not None:
+            lengths.append(cached)
     return max(lengths, default=None)
 
 
@@ -542,7 +547,7 @@ class EstimatedPolicy:
             # The probe's point is to learn: estimates only from verified drafts. Rows with
             # confidences are judged by what the policy's own lengths realise (DraftGate.record),
             # which needs no forced verification.
-            explore = [c is None for c in confidences]
+            explore = estimated
         lengths = [max(n, min(1, cap)) if e else n for n, cap, e in zip(lengths, max_lengths, explore)]
         self.last_budget = sum(lengths)
         return lengths
@@ -550,7 +555,8 @@ class EstimatedPolicy:
     def record(self, lengths, num_accepted, keys=None) -> None:
         self.acceptance.update(lengths, num_accepted, keys)
         if self.gate is not None and self._chosen is not None:
-            self.gate.record(*self._chosen[:2], num_accepted, self._chosen[2])
+            chosen, caps, confident = self._chosen
+            self.gate.record(chosen, caps, num_accepted, confident)
             self._chosen = None
 
     def __call__(self, requests, proposals) -> list[int]:
