@@ -281,18 +281,38 @@ def test_online_acceptance_keeps_per_request_estimates_shrunk_to_the_pooled_one(
     pooled = est.estimate(2)
     # position 2's prior mean: the other deep positions' evidence (none) under Beta(1, 1), 1/2
     assert pooled == pytest.approx([(1 + 1) / (2 + 2), (1 + 2 * 1 / 2) / (1 + 2)])
-    assert est.estimate(2, "copy") == pytest.approx([(1 + 4 * pooled[0]) / 5, (1 + 4 * pooled[1]) / 5])
-    assert est.estimate(2, "prose") == pytest.approx([(0 + 4 * pooled[0]) / 5, pooled[1]])  # j2 never tried
-    assert est.estimate(2, "new") == pooled  # no history: the pooled estimate
+    assert est.outcomes == {"copy": "accepted", "prose": "rejected"}
+    # Both rounds were their requests' first: pooled under "new", which a request without history reads.
+    assert est.estimate(2, "another") == pooled
+    # 'copy' reads rounds that followed an all-accepted one (none yet: Beta(1, 1)), then its own counts.
+    assert est.estimate(2, "copy") == pytest.approx([(1 + 4 * 0.5) / 5, (1 + 4 * 0.5) / 5])
+    assert est.estimate(2, "prose") == pytest.approx([(0 + 4 * 0.5) / 5, 0.5])  # j2 never tried
     assert est.fill([None, [0.3]], [2, 1], ["copy", "prose"]) == [est.estimate(2, "copy"), [0.3]]
     est.update([1], [1], keys=["copy"])  # 'prose' has finished: forgotten
-    assert set(est.requests) == {"copy"}
+    assert set(est.requests) == {"copy"} and set(est.outcomes) == {"copy"}
+    assert est.by_outcome["accepted"] == ([1], [1])  # counted under the outcome its estimate read
     fading = OnlineAcceptance(request_decay=0.5)
     fading.update([2], [0], keys=["r"])
     fading.update([0], [0], keys=["r"])  # not verified this round: its own evidence halves all the same
     assert fading.requests["r"] == ([0.5], [0.0])
     with pytest.raises(DSparkError, match="request_decay"):
         OnlineAcceptance(request_decay=1.5)
+
+
+def test_online_acceptance_tells_streaks_apart_by_the_last_outcome():
+    """Copies run in streaks: after a round whose verified drafts were all accepted, the next round's
+    first drafts usually are too; after a rejection, usually not. Pooled over all rounds the two
+    average out; kept apart by the last outcome they do not, even for a request of its own with
+    no history of its own (request_prior so large that its own counts weigh nothing)."""
+    est = OnlineAcceptance(decay=1.0, request_prior=1e9, request_decay=1.0)
+    keys = [f"copy{i}" for i in range(4)] + [f"prose{i}" for i in range(4)]
+    for _ in range(10):
+        est.update([2] * 8, [2] * 4 + [0] * 4, keys)
+    assert est.estimate(1)[0] == pytest.approx((40 + 1) / (80 + 2))  # all rounds together: a coin
+    est.update([0] * 9, [0] * 9, keys + ["fresh"])  # nothing verified: nothing learned
+    assert est.estimate(2, "copy0") == pytest.approx([(36 + 1) / (36 + 2)] * 2)
+    assert est.estimate(1, "prose0") == pytest.approx([1 / (36 + 2)])
+    assert est.estimate(1, "fresh") == pytest.approx([(4 + 1) / (8 + 2)])  # first rounds of all eight
 
 
 def test_online_acceptance_forgets_old_evidence_only_in_rounds_that_verify():
@@ -805,6 +825,35 @@ def test_simulated_scheduler_verifies_every_useful_draft_on_a_flat_table_and_les
         assert by["scheduled", c].mean_verified < by["fixed", c].mean_verified
 
 
+def test_simulator_replays_what_a_short_verification_left_of_a_record():
+    """A record that accepted a drafts says the next a tokens matched: a policy that commits fewer
+    sees the rest of that record next round (shifted), and moves on only when it has all a + 1."""
+    record = {"confidences": [0.9, 0.8, 0.7, 0.6, 0.5], "accepted": 2, "request": 0, "context": 50}
+    seen = []
+
+    class One:  # verifies one draft a round, and notes what it was offered
+        def decide(self, confidences, caps, keys=None, context=None):
+            seen.append((tuple(confidences[0]), caps[0], context))
+            return [min(1, caps[0])]
+
+    cost = CostTable((1, 64), (10.0, 10.0), context=50, context_s=((1, (1e-6, 0.0)),))
+    (result,) = simulate([record], cost, {"one": One}, [1], steps=4, draft_cost=False)
+    # Draft 1 accepted, the bonus token is draft 2 (accepted in the record): the request resumes
+    # 2 tokens on, where the record's rejected draft 3 comes first; then the request is done.
+    assert seen == [((0.9, 0.8, 0.7, 0.6, 0.5), 5, 50), ((0.7, 0.6, 0.5), 3, 52)] * 2
+    assert result.accept_length == (2 + 1 + 2 + 1) / 4  # 3 tokens per record, as its full verification
+    seen.clear()
+    (by_round,) = simulate([record], cost, {"one": One}, [1], steps=4, draft_cost=False, replay="rounds")
+    assert by_round.accept_length == 2.0  # one record per round: each offers a fresh accepted draft
+    assert seen == [((0.9, 0.8, 0.7, 0.6, 0.5), 5, 50)] * 4
+    # Verifying everything, both replays are the same.
+    trace = synthetic_trace()
+    assert simulate(trace, cost, ["fixed"], [1, 8], steps=30) == simulate(trace, cost, ["fixed"], [1, 8], steps=30,
+                                                                         replay="rounds")
+    with pytest.raises(DSparkError, match="replay mode 'tokens'.*positions, rounds"):
+        simulate(trace, cost, ["fixed"], [1], replay="tokens")
+
+
 def test_cost_table_reads_the_drafters_time_per_request_count():
     cost = CostTable.flat(10.0, drafter_propose_s={"1": 0.01, "4": 0.02, "16": 0.05})
     assert [cost.draft_time(r) for r in (1, 2, 4, 16, 32)] == pytest.approx([0.01, 0.04 / 3, 0.02, 0.05, 0.09])
@@ -868,7 +917,9 @@ def test_trace_contexts_follow_each_request_and_the_simulator_prices_them(qwen3_
              for i, ctx in enumerate([100] * 400 + [1100] * 400)]
     short, long = trace[:400], [dict(r, context=1100) for r in trace[:400]]
     cost = CostTable((1, 64), (100.0, 50.0), context=100, context_s=((1, (1e-5, 0.0)), (8, (8e-5, 0.0))))
-    at = {name: {r.policy: r for r in simulate(t, cost, ["none", "fixed"], [4], steps=50)}
+    # replay="rounds": every round at its record's own context (by position, a round that commits
+    # less than its record would sit a few tokens further on).
+    at = {name: {r.policy: r for r in simulate(t, cost, ["none", "fixed"], [4], steps=50, replay="rounds")}
           for name, t in (("short", short), ("long", long), ("unsaid", [{k: v for k, v in r.items() if k != "context"}
                                                                         for r in long]))}
     for policy in ("none", "fixed"):
@@ -879,7 +930,7 @@ def test_trace_contexts_follow_each_request_and_the_simulator_prices_them(qwen3_
         def decide(self, confidences, caps, keys=None):
             return list(caps)
 
-    mine = simulate(long, cost, {"mine": VerifyAll}, [4], steps=50)[0]
+    mine = simulate(long, cost, {"mine": VerifyAll}, [4], steps=50, replay="rounds")[0]
     assert mine.tokens_per_s == pytest.approx(at["long"]["fixed"].tokens_per_s)
     with pytest.raises(DSparkError, match="'context' must be an integer"):
         load_trace([{"confidences": [0.5], "accepted": 0, "context": -1}])

@@ -538,6 +538,9 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-draft-cost", action="store_true",
                    help="leave out the drafter's time even if the table has it (dspark profile --drafter)")
+    p.add_argument("--replay", choices=("positions", "rounds"), default="positions",
+                   help="positions: a round that commits less than its record did replays the rest of that record "
+                        "next (same work per request for every policy); rounds: one record per round")
     p.add_argument("--out", required=True)
     p.set_defaults(func=run_simulate)
 
@@ -548,7 +551,7 @@ def run_simulate(args) -> int:
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     results = simulate(args.trace, CostTable.load(args.profile), policies, args.concurrency, steps=args.steps, seed=args.seed,
-                       draft_cost=not args.no_draft_cost)
+                       draft_cost=not args.no_draft_cost, replay=args.replay)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "simulation.json").write_text(json.dumps(results_to_json(results), indent=1) + "\n")

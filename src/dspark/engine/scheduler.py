@@ -223,8 +223,13 @@ class OnlineAcceptance:
     two tokens right tends to get all seven), and since estimates only learn where something is
     verified, a pessimistic prior on positions the scheduler then never verifies would stay
     pessimistic for ever, while an optimistic one is tried and corrected. (The method estimates
-    nothing here: its drafters give confidences.) Old evidence
-    fades: each round that verified something first multiplies the pooled counts by `decay`, so the
+    nothing here: its drafters give confidences.) Given request keys, the pooled counts are kept
+    apart by how the request's last verifying round ended: "accepted" (every verified draft was),
+    "rejected", or "new" (none verified yet). Acceptance runs in streaks (an n-gram copy goes on
+    until it does not, prose after a rejection stays prose), and a round that commits less than a
+    copy's length leaves the rest for the next one: in simulation this took scheduled from 0.96 to
+    1.01 of the best fixed length at R = 4 on a HumanEval trace. Old evidence
+    fades: each round that verified something first multiplies all pooled counts by `decay`, so the
     estimates follow the traffic (effective memory ~1 / (1 - decay) rounds). Each request also keeps
     its own counts, shrunk towards the pooled estimate with the weight of `request_prior` trials:
     c_{r,j} = (accepts_{r,j} + m p_j) / (trials_{r,j} + m). Requests differ far more than positions
@@ -252,17 +257,25 @@ class OnlineAcceptance:
         self.trials: list[float] = []  # rounds where draft j was verified and drafts < j accepted (decayed)
         self.accepts: list[float] = []  # of those, rounds where draft j was accepted (decayed)
         self.requests: dict[object, tuple[list[int], list[int]]] = {}  # request key -> (trials, accepts)
+        # Request key -> how its last verifying round ended ("accepted": every verified draft was;
+        # "rejected"), and pooled counts per such outcome, decayed with the pooled ones.
+        self.outcomes: dict[object, str] = {}
+        self.by_outcome: dict[str, tuple[list[float], list[float]]] = {}
 
     def estimate(self, length: int, key: object = None) -> list[float]:
-        """Estimates for positions 1..length: pooled, or request `key`'s when it has history."""
+        """Estimates for positions 1..length: pooled over all rounds without `key`; with it, over
+        rounds after the same outcome as request `key`'s last, then shrunk to its own history."""
         own = self.requests.get(key) if key is not None else None
+        # With a key: the rounds of requests whose last verifying round ended as this one's did.
+        trials, accepts = (self.trials, self.accepts) if key is None else \
+            self.by_outcome.get(self.outcomes.get(key, "new"), ([], []))
         out = []
         weight = self.alpha + self.beta
         # Prior means: Beta(alpha, beta)'s for position 1; for a deeper position, the acceptance
         # given survival pooled over the other deep positions (under the same prior).
-        deep_n, deep_s = sum(self.trials[1:]), sum(self.accepts[1:])
+        deep_n, deep_s = sum(trials[1:]), sum(accepts[1:])
         for j in range(length):
-            n, s = (self.trials[j], self.accepts[j]) if j < len(self.trials) else (0.0, 0.0)
+            n, s = (trials[j], accepts[j]) if j < len(trials) else (0.0, 0.0)
             # position j's own counts count once: in its likelihood, not also in its prior mean
             mean = (deep_s - s + self.alpha) / (deep_n - n + weight) if j else self.alpha / weight
             pooled = (s + weight * mean) / (n + weight)
@@ -282,6 +295,9 @@ class OnlineAcceptance:
         """Record a round. With `keys`, requests absent from it have finished and are forgotten."""
         if keys is not None:
             live = set(keys)
+            for key in list(self.outcomes):
+                if key not in live:
+                    del self.outcomes[key]
             for key in list(self.requests):
                 if key not in live:
                     del self.requests[key]  # finished
@@ -291,6 +307,8 @@ class OnlineAcceptance:
         if any(length > 0 for length in lengths) and self.decay < 1.0:
             self.trials = [n * self.decay for n in self.trials]
             self.accepts = [s * self.decay for s in self.accepts]
+            self.by_outcome = {o: ([n * self.decay for n in t], [s * self.decay for s in a])
+                               for o, (t, a) in self.by_outcome.items()}
         for row, (length, a) in enumerate(zip(lengths, num_accepted)):
             tried = min(length, a + 1)  # drafts 1..a accepted, draft a+1 (if verified) rejected
             if tried == 0:
@@ -298,6 +316,9 @@ class OnlineAcceptance:
             counts = [(self.trials, self.accepts)]
             if keys is not None:
                 counts.append(self.requests.setdefault(keys[row], ([], [])))
+                # the outcome this round's estimate was conditioned on ("new": none verified yet)
+                counts.append(self.by_outcome.setdefault(self.outcomes.get(keys[row], "new"), ([], [])))
+                self.outcomes[keys[row]] = "accepted" if a >= length else "rejected"
             for trials, accepts in counts:
                 if tried > len(trials):
                     trials.extend([0] * (tried - len(trials)))
