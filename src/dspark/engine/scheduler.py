@@ -295,12 +295,9 @@ class OnlineAcceptance:
         """Record a round. With `keys`, requests absent from it have finished and are forgotten."""
         if keys is not None:
             live = set(keys)
-            for key in list(self.outcomes):
+            for key in list(self.requests):  # a request has an outcome exactly when it has counts
                 if key not in live:
-                    del self.outcomes[key]
-            for key in list(self.requests):
-                if key not in live:
-                    del self.requests[key]  # finished
+                    del self.requests[key], self.outcomes[key]  # finished
                 elif self.request_decay < 1.0:
                     trials, accepts = self.requests[key]
                     self.requests[key] = ([n * self.request_decay for n in trials], [a * self.request_decay for a in accepts])

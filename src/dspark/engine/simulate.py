@@ -25,8 +25,8 @@ prices context and every record of the step says its context, at the step's long
 engine prices a round, and the policies see it too), plus, when the
 table carries the drafter's timing (`dspark profile --drafter`), one drafting round for the
 requests that drafted. A policy with a draft gate is then asked before each step, with that
-drafting time, which requests may draft at all (as the engine asks it); a request refused keeps
-its record's place but drafts nothing.
+drafting time, which requests may draft at all (as the engine asks it); a request refused drafts
+nothing and commits one token (by position, one token further into its record).
 """
 
 from __future__ import annotations
