@@ -28,7 +28,9 @@ Measured side by side in one run, on SmolLM2-135M (bf16), greedy, one engine per
 Torch runs on `--threads` threads (default 1): on a small shared CPU, two threads drift by up to 20%
 between back-to-back identical runs, more than the differences being measured; one is steadier.
 Each (R, policy) runs `--repeats` times, the policies' order rotating between repeats, and the
-median run is reported (all runs are kept in results.json).
+median run is reported (all runs are kept in results.json), with each policy's ratio to the same
+repeat's plain decoding (median over repeats): the repeats drift apart by up to ~10%, the ratio
+within a repeat far less.
 
     .venv/bin/python benchmarks/bench_serving.py --drafter runs/dspark/step_100 [--concurrency 1,2,4,8,16]
     .venv/bin/python benchmarks/bench_serving.py --drafter ngram --prompts ../shared/data/eval/humaneval.jsonl
@@ -186,6 +188,13 @@ def main() -> None:
         for spec, rs in runs.items():  # the median repeat (by aggregate tokens/s) stands for the level
             r = dict(sorted(rs, key=lambda x: x["tokens_per_s"])[len(rs) // 2])
             r["tokens_per_s_runs"] = [x["tokens_per_s"] for x in rs]
+            if "none" in runs:
+                # Paired with the same repeat's plain decoding, run minutes apart at most: this CPU
+                # drifts by up to ~10% between repeats, which the ratio cancels and a median of
+                # absolute figures from different repeats does not.
+                ratios = sorted(x["tokens_per_s"] / n["tokens_per_s"] for x, n in zip(rs, runs["none"]))
+                r["vs_none_runs"] = ratios
+                r["vs_none"] = ratios[len(ratios) // 2]
             results[spec][str(c)] = r
     plot_throughput(results, out / "throughput.png")
     sim = {}
@@ -205,6 +214,11 @@ def main() -> None:
     for spec, per in results.items():
         lines.append(f"| {spec} | " + " | ".join(f"{per[str(c)]['tokens_per_s']:.1f} ({per[str(c)]['tokens_per_s_whole_run']:.1f})"
                                                 for c in levels) + " |")
+    if "none" in results:
+        lines += ["", "Each run against the same repeat's plain decoding (median of the per-repeat ratios):", "",
+                  "| policy | " + " | ".join(f"R={c}" for c in levels) + " |", "|---|" + "---|" * len(levels)]
+        for spec, per in results.items():
+            lines.append(f"| {spec} | " + " | ".join(f"{per[str(c)]['vs_none']:.3f}" for c in levels) + " |")
     for label, rows in sim.items():
         concs = sorted({r["concurrency"] for r in rows})
         lines += ["", f"Simulated ({label} cost table), aggregate tokens/s:", "",
