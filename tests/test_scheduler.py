@@ -407,8 +407,16 @@ def test_estimates_that_stopped_verifying_are_tried_again():
     rounds = [policy.decide([None, None, [0.5] * 4], [4, 0, 4]) for _ in range(8)]
     # rows with estimates and drafts get one draft verified after 3 idle rounds; the confidence row never
     assert rounds == [[0, 0, 0]] * 3 + [[1, 0, 0]] + [[0, 0, 0]] * 3 + [[1, 0, 0]]
+    # With more estimated rows than explore_rows, an exploring round takes that many, in turn.
+    policy.explore_rows = 2
+    caps = [4, 0, 4, 4, 2, 4]  # row 1 has no drafts: never explored
+    rounds = [policy.decide([None] * 6, caps) for _ in range(12)]
+    explored = [[i for i, n in enumerate(r) if n] for r in rounds if any(r)]
+    assert explored == [[0, 2], [3, 4], [0, 5]] and all(max(r) <= 1 for r in rounds)
     with pytest.raises(DSparkError, match="explore_every"):
         EstimatedPolicy("scheduled", lambda c, m, ctx: [0] * len(m), explore_every=0)
+    with pytest.raises(DSparkError, match="explore_rows"):
+        EstimatedPolicy("scheduled", lambda c, m, ctx: [0] * len(m), explore_rows=0)
 
 
 def test_async_policy_uses_the_budget_of_two_rounds_earlier():
