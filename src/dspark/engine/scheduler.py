@@ -230,11 +230,11 @@ class OnlineAcceptance:
     until it does not, prose after a rejection stays prose), and a round that commits less than a
     copy's length leaves the rest for the next one: in simulation this took scheduled from 0.96 to
     1.01 of the best fixed length at R = 4 on a HumanEval trace. A request that has not been
-    verified for a while is no longer in the streak it was in: kept under its last verifying
-    round's outcome, requests left behind by a rejection (and "new" ones, whose drafts right after
-    the prompt are mostly wrong) kept their low estimates for good, since only verification
-    changes them, and at 32-64 requests scheduled verified 0.02-0.17 drafts per request where
-    verifying one for every request was 9% faster. Old evidence
+    verified for a while is no longer in the streak it was in. (Kept under their last verifying
+    round's outcome, requests left behind by a rejection, and "new" ones, whose drafts right after
+    the prompt are mostly wrong, kept their low estimates for good, since only verification
+    changes them: at 32-64 requests scheduled verified 0.02-0.17 drafts per request where
+    verifying one for every request was 9% faster.) Old evidence
     fades: each round that verified something first multiplies all pooled counts by `decay`, so the
     estimates follow the traffic (effective memory ~1 / (1 - decay) rounds). Each request also keeps
     its own counts, shrunk towards the pooled estimate with the weight of `request_prior` trials:
@@ -273,7 +273,7 @@ class OnlineAcceptance:
         rounds after the same outcome as request `key`'s previous round, then shrunk to its own
         history."""
         own = self.requests.get(key) if key is not None else None
-        # With a key: the rounds of requests whose last verifying round ended as this one's did.
+        # With a key: the rounds of requests whose previous round ended as this one's did.
         trials, accepts = (self.trials, self.accepts) if key is None else \
             self.by_outcome.get(self.outcomes.get(key, "new"), ([], []))
         out = []
