@@ -391,6 +391,13 @@ class FixedPolicy:
         return self.decide(*proposal_inputs(requests, proposals))
 
 
+def _in_turn(rows: Sequence[int], count: int, turn: int) -> set[int]:
+    """The `turn`-th pick of `count` of `rows` when picks go round them in order (for probes and
+    exploration: a few requests at a time, every one in its turn)."""
+    first = turn * count
+    return {rows[(first + i) % len(rows)] for i in range(count)}
+
+
 class DraftGate:
     """Whether this round's drafting can pay for itself, decided *before* drafting.
 
@@ -525,9 +532,8 @@ class DraftGate:
         able = [i for i, cap in enumerate(caps) if cap > 0]
         if len(able) <= self.probe_rows:
             return list(caps)
-        first = self.probes * self.probe_rows
+        chosen = _in_turn(able, self.probe_rows, self.probes)
         self.probes += 1
-        chosen = {able[(first + i) % len(able)] for i in range(self.probe_rows)}
         return [cap if i in chosen else 0 for i, cap in enumerate(caps)]
 
 
@@ -555,7 +561,7 @@ class EstimatedPolicy:
             raise DSparkError(f"explore_rows must be >= 1 request, got {explore_rows}")
         self.name, self.rule, self.last_budget = name, rule, 0
         self.explore_every, self.idle_rounds = explore_every, 0
-        self.explore_rows, self._explored = explore_rows, 0
+        self.explore_rows, self._explorations = explore_rows, 0
         self.acceptance = prior or OnlineAcceptance()
         self.__dict__.update(settings)  # e.g. threshold, cost: visible to callers and metrics
         self.gate = DraftGate(settings["cost"], self.acceptance) if draft_gate else None
@@ -598,8 +604,8 @@ class EstimatedPolicy:
         rows = [i for i, e in enumerate(estimated) if e]
         if len(rows) <= self.explore_rows:
             return estimated
-        first, self._explored = self._explored, self._explored + self.explore_rows
-        chosen = {rows[(first + i) % len(rows)] for i in range(self.explore_rows)}
+        chosen = _in_turn(rows, self.explore_rows, self._explorations)
+        self._explorations += 1
         return [i in chosen for i in range(len(estimated))]
 
     def record(self, lengths, num_accepted, keys=None) -> None:
