@@ -4,7 +4,9 @@
     target decode step (goal <= 0.25 for 1 layer);
   * extra cost of the Markov head's sequential loop over DFlash for a whole decode round
     (draft + verify + bookkeeping; paper: 0.2-1.3% on GPUs at batch 128; goal <= 3% here);
-  * memory of a drafter beside its target (trainable weights; embedding and LM head are shared).
+  * memory of a drafter beside its target (trainable weights; embedding and LM head are shared);
+  * the same drafters over a draft vocabulary of 8k and 16k ids (the builtin drafter's setting):
+    on a CPU a draft round is mostly the 49k-row LM head and the sampling over it.
 
 Drafters are randomly initialised: costs do not depend on training.
 
@@ -85,6 +87,10 @@ def main() -> None:
         for arch in ("dflash", "dspark") for layers in (1, 2)
     }
     configs["dspark-1L-rank64"] = new_dspark_config(target, "dspark", {"num_draft_layers": 1, "block_size": 7, "markov_rank": 64})
+    for vocab in (8192, 16384):
+        for layers in (1, 2):
+            configs[f"dspark-{layers}L-rank64-vocab{vocab // 1024}k"] = new_dspark_config(
+                target, "dspark", {"num_draft_layers": layers, "block_size": 7, "markov_rank": 64, "draft_vocab_size": vocab})
     drafters = {name: DSparkDrafter(build_dspark_model(cfg, target)) for name, cfg in configs.items()}
     step = target_step_ms(target, args.repeats)
     result = {"target_decode_step_ms": step, "draft_round_ms": {}, "draft_round_over_target_step": {},

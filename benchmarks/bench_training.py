@@ -1,9 +1,14 @@
 """Training-side figures on SmolLM2-135M (bf16 target), measured side by side in one run:
 
-  * regeneration tokens/s: the local batched engine (n-gram speculation, batch 8) vs transformers
-    `generate` (batch 8, left padding), same prompts and sampling (T 0.7, top-p 0.8, top-k 20);
+  * regeneration tokens/s: the local batched engine at batch 8 (the earlier default) and at batch
+    16 (the default) vs transformers `generate` (batch 8, left padding), same prompts and sampling
+    (T 0.7, top-p 0.8, top-k 20);
   * feature-cache bytes per token, standard (bf16) and compact (fp8), against DeepSpec's 6 + 12*H;
-  * training throughput (tokens/s and anchors/s) and peak resident memory, online features vs cache.
+  * training throughput (sequence tokens/s, anchors/s), peak resident memory and where a step's
+    time goes (features: the target forward online or the cache read; drafter forward + losses;
+    backward; optimizer), online features vs cache, for the earlier recipe (full 49k vocabulary,
+    logits recomputed in the backward pass, fp32 products) and the current preset (draft
+    vocabulary, logits kept, bf16 products where the CPU has bf16 units), plus each lever alone.
 
     .venv/bin/python benchmarks/bench_training.py [--prompts 16] [--out bench_results/training]
 """
@@ -15,6 +20,7 @@ import json
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -67,23 +73,21 @@ def hf_regenerate_tokens_per_second(hf, tokenizer, prompts, cfg: RegenerateConfi
     return tokens / (time.perf_counter() - start)
 
 
-def train_throughput(target, cfg, data, out) -> dict:
+def train_throughput(target, cfg, data, out, steps: int = 3) -> dict:
     trainer = Trainer(target, cfg, data, out)
     trainer.train_step()  # warm-up
-    seqs = load_sequences(data if (Path(data) / "answers.jsonl").is_file() else DATA_DIR[0], target.tokenizer, cfg.max_length)
-    mean_tokens = sum(s.input_ids.numel() for s in seqs) / len(seqs)
-    steps = 3
+    trainer.timings = dict.fromkeys(trainer.timings, 0.0)
+    losses = []
     with PeakRSS() as mem:
         start = time.perf_counter()
         for _ in range(steps):
-            trainer.train_step()
+            losses.append(trainer.train_step()["loss"])
         seconds = time.perf_counter() - start
     sequences = steps * cfg.grad_accum
-    return {"tokens_per_second": sequences * mean_tokens / seconds, "anchors_per_second": sequences * cfg.num_anchors / seconds,
-            "peak_rss_mb": mem.peak / 1e6}
-
-
-DATA_DIR: list[Path] = []
+    t = trainer.timings
+    return {"tokens_per_second": t["tokens"] / seconds, "anchors_per_second": sequences * cfg.num_anchors / seconds,
+            "peak_rss_mb": mem.peak / 1e6, "loss": sum(losses) / len(losses),
+            "ms_per_sequence": {k.removesuffix("_s"): 1000 * t[k] / sequences for k in t if k.endswith("_s")}}
 
 
 def main() -> None:
@@ -101,13 +105,16 @@ def main() -> None:
     cfg = RegenerateConfig(max_new_tokens=args.max_new_tokens, batch_size=8)
     work = Path(tempfile.mkdtemp(prefix="dspark-bench-"))
     data = work / "data"
-    DATA_DIR.append(data)
     stats = regenerate_local(target, prompts, data, cfg, progress=False)
     engine_tps = stats["tokens"] / stats["seconds"]
+    stats16 = regenerate_local(target, prompts, work / "data16", replace(cfg, batch_size=16), progress=False)
+    engine16_tps = stats16["tokens"] / stats16["seconds"]
     hf = AutoModelForCausalLM.from_pretrained(target.model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     hf_tps = hf_regenerate_tokens_per_second(hf, target.tokenizer, prompts, cfg, list(target.eos_token_ids))
     del hf
     train_cfg = apply_overrides(get_preset("dspark-smollm2-135m"), ["grad_accum=4", "max_steps=100"])
+    # The earlier recipe: full vocabulary, logits recomputed in the backward pass, fp32 products.
+    before = apply_overrides(train_cfg, ["drafter.draft_vocab_size=0", "recompute_logits=true", "autocast=off"])
     seqs = load_sequences(data, target.tokenizer, train_cfg.max_length)
     tokens = sum(s.input_ids.numel() for s in seqs)
     from dspark.drafters.checkpoint import new_dspark_config
@@ -118,29 +125,49 @@ def main() -> None:
         write_cache(target, seqs, layers, work / f"cache-{dtype}", dtype=dtype, progress=False)
         size = sum(f.stat().st_size for f in (work / f"cache-{dtype}").glob("*.safetensors"))
         cache_bytes[dtype] = size / tokens
-    online = train_throughput(target, train_cfg, data, work / "run-online")
-    cached = train_throughput(target, train_cfg, work / "cache-bf16", work / "run-cached")
+    variants = {
+        "before": before,
+        "no recompute": apply_overrides(before, ["recompute_logits=false"]),
+        "bf16 products": apply_overrides(before, ["autocast=auto"]),
+        "draft vocabulary": apply_overrides(before, [f"drafter.draft_vocab_size={train_cfg.drafter['draft_vocab_size']}"]),
+        "preset": train_cfg,
+    }
+    training = {}
+    for name, variant in variants.items():
+        for source, folder in (("online", data), ("cached", work / "cache-bf16")):
+            training[f"{name}, {source}"] = train_throughput(target, variant, folder, work / f"run-{name}-{source}")
+    online, cached = training["preset, online"], training["preset, cached"]
     hidden = target.model.args.hidden_size
     result = {
-        "regeneration_tokens_per_second": {"dspark_engine": engine_tps, "transformers_generate": hf_tps,
-                                           "ratio": engine_tps / hf_tps},
+        "regeneration_tokens_per_second": {"dspark_engine_batch8": engine_tps, "dspark_engine_batch16": engine16_tps,
+                                           "transformers_generate": hf_tps, "ratio": engine16_tps / hf_tps,
+                                           "batch16_over_batch8": engine16_tps / engine_tps},
         "cache_bytes_per_token": {**cache_bytes, "deepspec_formula": deepspec_bytes_per_token(hidden),
                                   "layers": len(layers), "hidden": hidden},
-        "training_online": online, "training_cached": cached,
+        "training": training,
+        "preset_over_before": {"online": online["tokens_per_second"] / training["before, online"]["tokens_per_second"],
+                               "cached": cached["tokens_per_second"] / training["before, cached"]["tokens_per_second"]},
         "cached_over_online_speed": cached["tokens_per_second"] / online["tokens_per_second"],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     lines = [
-        f"regeneration: dspark engine {engine_tps:.1f} tok/s vs transformers generate {hf_tps:.1f} tok/s "
-        f"({engine_tps / hf_tps:.2f}x)",
+        f"regeneration: dspark engine {engine_tps:.1f} tok/s at batch 8, {engine16_tps:.1f} at batch 16 "
+        f"({engine16_tps / engine_tps:.2f}x) vs transformers generate {hf_tps:.1f} tok/s ({engine16_tps / hf_tps:.2f}x)",
         f"cache bytes/token: bf16 {cache_bytes['bf16']:.0f}, fp8 {cache_bytes['fp8']:.0f}; DeepSpec 6+12H = "
         f"{deepspec_bytes_per_token(hidden)} (H={hidden}, {len(layers)} layers)",
-        "| training | tokens/s | anchors/s | peak RSS (MB) |", "|---|---|---|---|",
-        f"| online features | {online['tokens_per_second']:.0f} | {online['anchors_per_second']:.1f} | {online['peak_rss_mb']:.0f} |",
-        f"| feature cache | {cached['tokens_per_second']:.0f} | {cached['anchors_per_second']:.1f} | {cached['peak_rss_mb']:.0f} |",
+        f"training tokens/s, preset over the earlier recipe: {result['preset_over_before']['online']:.2f}x online, "
+        f"{result['preset_over_before']['cached']:.2f}x cached",
+        "",
+        "| training | tokens/s | anchors/s | loss | peak RSS (MB) | ms/seq: features | forward | backward | optimizer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    for name, r in training.items():
+        ms = r["ms_per_sequence"]
+        lines.append(f"| {name} | {r['tokens_per_second']:.0f} | {r['anchors_per_second']:.1f} | {r['loss']:.3f} | "
+                     f"{r['peak_rss_mb']:.0f} | {ms['features']:.0f} | {ms['forward']:.0f} | {ms['backward']:.0f} | "
+                     f"{ms['optimizer']:.0f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -85,7 +85,7 @@ def test_unsupported_architecture_is_refused_naming_the_supported_ones(capsys, t
 BAD_INPUTS = [
     (["--target", "no-such-model", "--prompt", "x"], "unknown model 'no-such-model'"),
     (["--target", "missing.gguf", "--prompt", "x"], "GGUF file 'missing.gguf' does not exist"),
-    (["--target", "{llama}", "--drafter", "medusa", "--prompt", "x"], "unknown drafter 'medusa'; choose one of: none, ngram, draft-model"),
+    (["--target", "{llama}", "--drafter", "medusa", "--prompt", "x"], "unknown drafter 'medusa'; choose one of: auto, builtin, none, ngram, draft-model"),
     (["--target", "{llama}", "--drafter", "draft-model", "--prompt", "x"], "needs --draft-model"),
     (["--target", "{llama}", "--prompts-file", "nowhere.txt"], "prompts file 'nowhere.txt' does not exist"),
     (["--target", "{llama}", "--prompt", "w5 " * 40, "--max-seq-len", "16"], "prompt 0 has 40 tokens"),

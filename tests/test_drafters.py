@@ -22,7 +22,7 @@ from tests.conftest import save_tiny_model
 from tests.test_engine import DIST_CASES, expected_greedy, sampled_tv
 
 PROMPTS = [[0, 5, 6, 7, 5, 6], [0, 9, 10, 11, 12, 9, 10, 11, 12, 9, 10], [0, 20, 21, 20, 21, 20, 22, 20]]
-KINDS = ["dspark-vanilla", "dspark-gated", "dspark-rnn", "dflash", "eagle3"]
+KINDS = ["dspark-vanilla", "dspark-gated", "dspark-rnn", "dspark-vocab", "dflash", "eagle3"]
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +34,18 @@ def make(kind: str, target, seed: int = 0, **overrides):
     if kind == "eagle3":
         return Eagle3Drafter(build_eagle3_model(new_eagle3_config(target, overrides), target, seed=seed))
     arch = "dflash" if kind == "dflash" else "dspark"
+    vocab = kind == "dspark-vocab"  # vanilla head over a random draft vocabulary of half the ids
     if arch == "dspark":
-        overrides = {"markov_rank": 8, "markov_head_type": kind.split("-")[1], **overrides}
-    return DSparkDrafter(build_dspark_model(new_dspark_config(target, arch, overrides), target, seed=seed))
+        head = "vanilla" if vocab else kind.split("-")[1]
+        overrides = {"markov_rank": 8, "markov_head_type": head, **overrides}
+        if vocab:
+            overrides.setdefault("draft_vocab_size", max(2, target.vocab_size // 2))
+    model = build_dspark_model(new_dspark_config(target, arch, overrides), target, seed=seed)
+    if vocab:
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randperm(target.vocab_size, generator=gen)[: model.config.draft_vocab_size].sort().values
+        model.draft_vocab.copy_(ids)
+    return DSparkDrafter(model)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -76,7 +85,8 @@ def vocab4_target(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("kind", "case"), [("dspark-vanilla", "T=1"), ("dspark-rnn", "T=1"),
-                                            ("dspark-vanilla", "T=1,top-p=0.8"), ("dspark-rnn", "T=1,top-p=0.8")])
+                                            ("dspark-vanilla", "T=1,top-p=0.8"), ("dspark-rnn", "T=1,top-p=0.8"),
+                                            ("dspark-vocab", "T=1"), ("dspark-vocab", "T=0.8,top-k=3")])
 def test_sequence_distribution_with_sequential_heads(vocab4_target, kind, case):
     drafter = make(kind, vocab4_target, mask_token_id=3, markov_rank=4)
     with torch.no_grad():  # make the heads matter: a large random Markov bias
@@ -188,7 +198,7 @@ def test_eagle3_training_time_test_matches_inference_chain(qwen3_target):
 
 
 # ------------------------------------------------------------------------------------ checkpoints
-@pytest.mark.parametrize("kind", ["dspark-rnn", "dflash", "eagle3"])
+@pytest.mark.parametrize("kind", ["dspark-rnn", "dspark-vocab", "dflash", "eagle3"])
 def test_save_then_load_gives_identical_proposals(qwen3_target, tmp_path, kind):
     target = qwen3_target
     drafter = make(kind, target, seed=8)
@@ -201,6 +211,26 @@ def test_save_then_load_gives_identical_proposals(qwen3_target, tmp_path, kind):
     for pa, pb in zip(a, b):
         assert torch.equal(pa.tokens, pb.tokens)
         assert (pa.draft_probs is None and pb.draft_probs is None) or torch.equal(pa.draft_probs, pb.draft_probs)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_draft_vocabulary_drafts_only_its_ids_and_hands_full_vocabulary_probabilities(qwen3_target, greedy):
+    target = qwen3_target
+    drafter = make("dspark-vocab", target, seed=4, draft_vocab_size=10)
+    allowed = set(drafter.model.draft_vocab.tolist())
+    _start(drafter, target, PROMPTS)
+    params = SamplingParams(temperature=0.0 if greedy else 1.0)
+    for prop in drafter.propose(_requests(target, enumerate(PROMPTS), 7, params)):
+        assert set(prop.tokens.tolist()) <= allowed
+        if greedy:
+            continue
+        assert prop.draft_probs.shape == (7, target.vocab_size)
+        outside = torch.ones(target.vocab_size, dtype=torch.bool)
+        outside[drafter.model.draft_vocab] = False
+        assert float(prop.draft_probs[:, outside].abs().sum()) == 0.0
+        torch.testing.assert_close(prop.draft_probs.sum(-1), torch.ones(7, dtype=prop.draft_probs.dtype))
+        picked = prop.draft_probs.gather(1, prop.tokens[:, None])
+        assert bool((picked > 0).all())  # each draft came from the distribution handed over
 
 
 def test_loading_against_another_target_names_the_mismatch(qwen3_target, tiny_dirs, tmp_path):
@@ -231,6 +261,8 @@ def test_bad_drafter_settings_are_refused(qwen3_target):
         new_dspark_config(qwen3_target, "dspark", {"target_layer_ids": (1, 0)})
     with pytest.raises(DSparkError, match="mask_token_id"):
         new_dspark_config(qwen3_target, "dspark", {"mask_token_id": 10_000})
+    with pytest.raises(DSparkError, match="draft_vocab_size 100000 must be in"):
+        new_dspark_config(qwen3_target, "dspark", {"draft_vocab_size": 100_000})
 
 
 def test_default_target_layers_match_deepspec_for_36_layers():
@@ -329,3 +361,20 @@ def test_a_request_joining_next_to_one_near_the_end_of_a_tight_cache(qwen3_targe
         done.update({id(o.request): o for o in engine.step()})
     assert done[id(first)].token_ids == reference_greedy(target.model, long_prompt, 9)
     assert done[id(second)].token_ids == reference_greedy(target.model, short_prompt, 9)
+
+
+def test_auto_picks_the_targets_builtin_drafter_else_ngram(qwen3_target, tiny_dirs, tmp_path, monkeypatch):
+    from dspark.drafters import registry
+    from dspark.drafters.simple import NgramDrafter
+
+    monkeypatch.setattr(registry, "BUILTIN_DIR", tmp_path / "builtin")
+    assert isinstance(registry.build_drafter("auto", qwen3_target), NgramDrafter)  # none shipped
+    with pytest.raises(DSparkError, match="has no builtin drafter"):
+        registry.build_drafter("builtin", qwen3_target)
+    drafter = make("dspark-vocab", qwen3_target, seed=2)
+    save_drafter(drafter.model, tmp_path / "builtin" / "tiny-dspark")
+    for name in ("auto", "builtin", "tiny-dspark"):
+        built = registry.build_drafter(name, qwen3_target)
+        assert isinstance(built, DSparkDrafter) and torch.equal(built.model.draft_vocab, drafter.model.draft_vocab)
+    other = load_model(str(tiny_dirs["llama"]), "fp64")  # another target: its auto stays ngram
+    assert isinstance(registry.build_drafter("auto", other), NgramDrafter)

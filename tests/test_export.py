@@ -458,3 +458,10 @@ def test_export_cli(target, tiny_dirs, tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert main(["drafter", "export", str(folder), "--target", str(tiny_dirs["llama"]), "--out", str(tmp_path / "y")]) == 2
     assert "Qwen3" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_a_draft_vocabulary_drafter_is_refused_and_nothing_is_written(target, tmp_path):
+    folder, _ = saved_drafter(tmp_path, target, "dspark-vocab")
+    with pytest.raises(DSparkError, match="reduced vocabulary.*draft_vocab_size=0"):
+        export(folder, target, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -195,6 +195,58 @@ def test_chunked_loss_equals_one_chunk_with_gradients():
         torch.testing.assert_close(a, b)
 
 
+def test_draft_vocabulary_loss_equals_the_full_loss_when_it_holds_every_id():
+    """A draft vocabulary of all ids (permuted order, the target log-normaliser given) gives the
+    full-vocabulary loss and gradients; stored logits and recomputed chunks agree too."""
+    from dspark.train.losses import log_normalizer
+
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(10, 6, generator=gen, requires_grad=True)
+    feats = torch.randn(10, 3, generator=gen, requires_grad=True)
+    target_hidden, labels = torch.randn(10, 6, generator=gen), torch.randint(0, 11, (10,), generator=gen)
+    weights, lm = torch.rand(10, generator=gen), torch.randn(11, 6, generator=gen)
+    w2 = torch.randn(11, 3, generator=gen, requires_grad=True)
+    conf = torch.randn(10, generator=gen)
+    full = dspark_loss(hidden, feats, conf, target_hidden, labels, weights, lm, w2, LossWeights(), recompute=True, chunk_rows=3)
+    full_grads = torch.autograd.grad(full.loss, (hidden, feats, w2))
+    perm = torch.randperm(11, generator=gen)
+    index = torch.empty(11, dtype=torch.long)
+    index[perm] = torch.arange(11)
+    w2_sub = w2.detach()[perm].requires_grad_(True)
+    sub = dspark_loss(hidden, feats, conf, target_hidden, index[labels], weights, lm[perm], w2_sub, LossWeights(),
+                      target_lse=log_normalizer(target_hidden, lm))
+    sub_grads = torch.autograd.grad(sub.loss, (hidden, feats, w2_sub))
+    assert float(sub.loss.detach()) == pytest.approx(float(full.loss.detach()), rel=1e-5)
+    torch.testing.assert_close(sub_grads[0], full_grads[0])
+    torch.testing.assert_close(sub_grads[1], full_grads[1])
+    torch.testing.assert_close(sub_grads[2], full_grads[2][perm])
+
+
+def test_draft_vocabulary_loss_counts_the_target_mass_outside_it():
+    lm = torch.eye(3)  # logits = hidden; the draft vocabulary is ids {0, 1}
+    hidden = torch.zeros(1, 3)  # q over {0, 1} = [.5, .5]
+    target_hidden = torch.tensor([[math.log(2.0), 0.0, 0.0]])  # p = [.5, .25, .25]
+    lse = torch.logsumexp(target_hidden, -1)
+    out = dspark_loss(hidden, None, None, target_hidden, torch.tensor([-1]), torch.ones(1), lm[:2], None,
+                      LossWeights(), target_lse=lse)
+    assert out.l1 == pytest.approx(abs(0.5 - 0.5) + abs(0.5 - 0.25) + 0.25)  # the unreachable 0.25 counts
+    assert out.ce == 0.0  # a label outside the draft vocabulary is not a CE target
+
+
+def test_draft_vocabulary_holds_the_most_frequent_answer_tokens_and_the_stop_tokens():
+    from dspark.train.vocab import coverage, select_draft_vocab, token_counts
+
+    ids = torch.tensor([5, 5, 5, 7, 7, 9, 2])
+    mask = torch.tensor([1, 1, 1, 1, 1, 1, 0])  # id 2 is a prompt token: not counted
+    counts = token_counts([(ids, mask)], 12)
+    assert counts[2] == 0 and counts[5] == 3
+    vocab = select_draft_vocab(counts, 3, required=[1])
+    assert vocab.tolist() == [1, 5, 7]
+    assert coverage(counts, vocab) == pytest.approx(5 / 6)
+    with pytest.raises(DSparkError, match="draft_vocab_size 13"):
+        select_draft_vocab(counts, 13)
+
+
 def test_position_weights_and_tau_estimate():
     torch.testing.assert_close(position_weights(3, 4.0), torch.exp(-torch.tensor([0.0, 0.25, 0.5])))
     mask = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
@@ -291,6 +343,14 @@ def test_cached_features_equal_online_features_and_training_matches(target, gree
         assert torch.equal(cached.features, feats) and torch.equal(cached.final_hidden, final)
     online = Trainer(target, tiny_config("max_steps=3"), greedy_data, tmp_path / "online")
     offline = Trainer(target, tiny_config("max_steps=3"), tmp_path / "cache", tmp_path / "offline")
+    for _ in range(3):
+        assert offline.train_step()["loss"] == pytest.approx(online.train_step()["loss"], rel=1e-6)
+    # with a draft vocabulary: the same ids chosen, the cached log-normaliser equals the online one
+    vocab_cfg = tiny_config("max_steps=3", "drafter.draft_vocab_size=40")
+    online = Trainer(target, vocab_cfg, greedy_data, tmp_path / "online-v")
+    offline = Trainer(target, vocab_cfg, tmp_path / "cache", tmp_path / "offline-v")
+    assert torch.equal(online.model.draft_vocab, offline.model.draft_vocab)
+    assert set(target.eos_token_ids) <= set(online.model.draft_vocab.tolist())
     for _ in range(3):
         assert offline.train_step()["loss"] == pytest.approx(online.train_step()["loss"], rel=1e-6)
 

@@ -61,7 +61,8 @@ def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text with speculative decoding")
     p.add_argument("--target", default="smollm2-135m",
                    help=f"builtin name ({', '.join(BUILTIN_MODELS)}), a .gguf file, or a HF model folder")
-    p.add_argument("--drafter", default="ngram", help=f"one of: {', '.join(DRAFTERS)}")
+    p.add_argument("--drafter", default="auto",
+                   help=f"one of: {', '.join(DRAFTERS)} (auto: the target's builtin DSpark drafter, else ngram)")
     p.add_argument("--draft-model", help="model spec for --drafter draft-model (same forms as --target)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
@@ -88,7 +89,7 @@ def add_generate_parser(sub) -> None:
 
 def run_generate(args) -> int:
     from dspark.config import EngineConfig, SamplingParams, StopParams
-    from dspark.drafters.registry import build_drafter
+    from dspark.drafters.registry import build_drafter, resolve_drafter_name
     from dspark.engine.engine import Engine, Request
     from dspark.models.target import load_model
     from dspark.serve.server import resolve_policy
@@ -101,6 +102,7 @@ def run_generate(args) -> int:
     stop = StopParams(max_new_tokens=args.max_new_tokens)
     target = load_model(args.target, args.dtype)
     drafter = build_drafter(args.drafter, target, args.draft_model, args.dtype)
+    drafter_label = _drafter_label(resolve_drafter_name(args.drafter, target))
     tok = target.tokenizer
     encoded = [encode_prompt(tok, p, args.chat, args.system) for p in prompts]
     limit = target.max_position_embeddings
@@ -138,7 +140,7 @@ def run_generate(args) -> int:
         total = sum(o.stats.num_generated for o in outputs)
         rounds = sum(o.stats.rounds for o in outputs)
         committed = sum(o.stats.committed_in_rounds for o in outputs)
-        print(f"\n[{args.drafter}] {total} tokens in {wall:.2f}s ({total / wall:.1f} tok/s), "
+        print(f"\n[{drafter_label}] {total} tokens in {wall:.2f}s ({total / wall:.1f} tok/s), "
               f"accept length {committed / max(rounds, 1):.2f} over {rounds} rounds", file=sys.stderr)
     return 0
 
@@ -158,7 +160,7 @@ def add_drafter_parser(sub) -> None:
     init.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"], help="dtype of the stored weights")
     init.set_defaults(func=run_drafter_init)
     info = dsub.add_parser("info", help="print a drafter's config and parameter counts")
-    info.add_argument("path")
+    info.add_argument("path", help="a drafter folder or a builtin drafter's name")
     info.set_defaults(func=run_drafter_info)
     export = dsub.add_parser("export", help="write a drafter folder that vLLM and SGLang load (DeepSpec layout)")
     export.add_argument("path", help="a drafter folder (drafter init / training, or an imported DeepSpec folder)")
@@ -192,11 +194,24 @@ def run_drafter_init(args) -> int:
     return 0
 
 
+def _drafter_label(resolved: str) -> str:
+    """How a summary line names the drafter: a builtin drafter by its name, others as given."""
+    from dspark.drafters.registry import builtin_drafters
+
+    for name, folder in builtin_drafters().items():
+        if str(folder) == resolved:
+            return f"builtin {name}"
+    return resolved
+
+
 def run_drafter_info(args) -> int:
     from safetensors import safe_open
 
     from dspark.drafters.checkpoint import read_drafter_config
+    from dspark.drafters.registry import builtin_drafters
 
+    if args.path in builtin_drafters():
+        args.path = str(builtin_drafters()[args.path])
     raw = read_drafter_config(args.path)
     counts: dict[str, int] = {}
     with safe_open(str(Path(args.path) / "model.safetensors"), framework="pt") as handle:
@@ -206,9 +221,12 @@ def run_drafter_info(args) -> int:
                 numel *= dim
             group = key.split(".")[0]
             counts[group] = counts.get(group, 0) + numel
-    print(json.dumps({"arch": raw["arch"], "config": raw["config"], "parameters": counts,
-                      "total_parameters": sum(counts.values()),
-                      "note": "embedding and LM head are the target's (shared, not stored)"}, indent=2))
+    info = {"arch": raw["arch"], "config": raw["config"], "parameters": counts, "total_parameters": sum(counts.values()),
+            "note": "embedding and LM head are the target's (shared, not stored)"}
+    for extra in ("card.json", "calibration.json"):  # how a builtin drafter was made; its calibration
+        if (Path(args.path) / extra).is_file():
+            info[extra.removesuffix(".json")] = json.loads((Path(args.path) / extra).read_text())
+    print(json.dumps(info, indent=2))
     return 0
 
 
@@ -237,10 +255,12 @@ def add_data_parser(sub) -> None:
     regen.add_argument("--temperature", type=float, default=0.7)
     regen.add_argument("--top-p", type=float, default=0.8)
     regen.add_argument("--top-k", type=_non_negative_int, default=20)
-    regen.add_argument("--batch-size", type=_positive_int, default=8)
+    regen.add_argument("--batch-size", type=_positive_int, default=16)
+    regen.add_argument("--max-prompt-tokens", type=_non_negative_int, default=0,
+                       help="skip prompts longer than this (0: the model's limit); training truncates to its max_length")
     regen.add_argument("--seed", type=int, default=0)
     regen.add_argument("--drafter", default="none", choices=["none", "ngram"],
-                       help="local engine: plain decoding (fastest at batch 8 here) or n-gram speculation")
+                       help="local engine: plain decoding (fastest at batch 16 here) or n-gram speculation")
     regen.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     regen.set_defaults(func=run_regenerate)
     cache = dsub.add_parser("cache", help="write the target's features of regenerated answers once (resumable)")
@@ -261,7 +281,7 @@ def run_regenerate(args) -> int:
 
     prompts = read_prompts(args.prompts)[: args.limit]
     cfg = RegenerateConfig(args.temperature, args.top_p, args.top_k, args.max_new_tokens, args.batch_size, args.seed,
-                           args.drafter)
+                           args.drafter, args.max_prompt_tokens)
     if args.endpoint:
         stats = regenerate_endpoint(args.endpoint, args.model, prompts, args.out, cfg, args.api_key)
     else:
@@ -412,7 +432,8 @@ def run_eval_command(args) -> int:
 def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (serve extra)")
     p.add_argument("--target", default="smollm2-135m")
-    p.add_argument("--drafter", default="ngram", help="ngram, none, draft-model or a drafter folder")
+    p.add_argument("--drafter", default="auto",
+                   help="auto (the target's builtin DSpark drafter, else ngram), builtin, ngram, none, draft-model or a drafter folder")
     p.add_argument("--draft-model", help="model spec for --drafter draft-model")
     p.add_argument("--policy", default="fixed", help="none, fixed[:K], threshold[:C], scheduled, async")
     p.add_argument("--cost", help="cost table JSON for scheduled/async (dspark profile; default: profiled at start-up)")

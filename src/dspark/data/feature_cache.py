@@ -5,7 +5,10 @@ Layout of a cache folder:
   manifest.json            target spec + fingerprint, layer ids, dtype, hidden size, shards with
                            their sequence counts, token counts and sha256
   shard_00000.safetensors  input_ids [T] int32, loss_mask [T] uint8, offsets [n + 1] int64,
-                           features [T, L*H] (chosen layers' outputs), final_hidden [T, H]
+                           features [T, L*H] (chosen layers' outputs), final_hidden [T, H],
+                           target_lse [T] fp32 (the target's log-normaliser over the full
+                           vocabulary at each position, from the stored final hidden: what a
+                           drafter with a draft vocabulary needs to train without the 49k-row head)
 A shard is written to a temporary name, checksummed and renamed, and the manifest is rewritten after
 each shard, so a killed run resumes at the first missing shard and never leaves a torn one.
 
@@ -32,7 +35,7 @@ MANIFEST = "manifest.json"
 
 
 def bytes_per_token(hidden: int, num_layers: int, dtype: str) -> int:
-    return 4 + 1 + (num_layers + 1) * hidden * torch.tensor([], dtype=CACHE_DTYPES[dtype]).element_size()
+    return 4 + 1 + 4 + (num_layers + 1) * hidden * torch.tensor([], dtype=CACHE_DTYPES[dtype]).element_size()
 
 
 def deepspec_bytes_per_token(hidden: int) -> int:
@@ -45,6 +48,7 @@ class CachedSequence:
     loss_mask: torch.Tensor  # [S]
     features: torch.Tensor  # [S, L*H]
     final_hidden: torch.Tensor  # [S, H]
+    target_lse: torch.Tensor | None = None  # [S] fp32 (absent in caches written before it existed)
 
 
 def write_cache(target, sequences, layer_ids: tuple[int, ...], out_dir, dtype: str = "bf16",
@@ -52,12 +56,14 @@ def write_cache(target, sequences, layer_ids: tuple[int, ...], out_dir, dtype: s
     """sequences: objects with input_ids [S] and loss_mask [S]. Resumes at the first missing shard."""
     from safetensors.torch import save_file
 
+    from dspark.train.losses import log_normalizer
+
     if dtype not in CACHE_DTYPES:
         raise DSparkError(f"cache dtype {dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     args = target.model.args
-    header = {"format": "dspark-feature-cache", "version": 1, "target_fingerprint": target.fingerprint,
+    header = {"format": "dspark-feature-cache", "version": 2, "target_fingerprint": target.fingerprint,
               "architecture": args.architecture, "hidden_size": args.hidden_size, "vocab_size": args.vocab_size,
               "layer_ids": list(layer_ids), "dtype": dtype, "shard_size": shard_size, "num_sequences": len(sequences)}
     manifest_path = out / MANIFEST
@@ -69,23 +75,26 @@ def write_cache(target, sequences, layer_ids: tuple[int, ...], out_dir, dtype: s
         manifest["shards"] = [s for s in old["shards"] if (out / s["file"]).is_file()]
     starts = range(len(manifest["shards"]) * shard_size, len(sequences), shard_size)
     cache = target.build_cache(1, max(s.input_ids.numel() for s in sequences), headroom=0)
+    lm_head_w = target.model.lm_head.weight.detach().float()
     bar = tqdm(total=len(sequences), initial=len(manifest["shards"]) * shard_size, desc="cache", unit="seq",
                disable=not progress)
     with torch.inference_mode():
         for start in starts:
             chunk = sequences[start : start + shard_size]
-            feats, finals = [], []
+            feats, finals, lses = [], [], []
             for seq in chunk:
                 n = seq.input_ids.numel()
                 o = target.model(seq.input_ids[None], torch.arange(n)[None], torch.tensor([0]), cache,
                                  hidden_layers=layer_ids, compute_logits=False)
                 feats.append(o.hidden_states[0].to(CACHE_DTYPES[dtype]))
                 finals.append(o.final_hidden[0].to(CACHE_DTYPES[dtype]))
+                lses.append(log_normalizer(finals[-1], lm_head_w))  # from what training will read
                 bar.update(1)
             lengths = torch.tensor([0] + [s.input_ids.numel() for s in chunk])
             tensors = {"input_ids": torch.cat([s.input_ids for s in chunk]).to(torch.int32),
                        "loss_mask": torch.cat([s.loss_mask for s in chunk]).to(torch.uint8),
-                       "offsets": lengths.cumsum(0), "features": torch.cat(feats), "final_hidden": torch.cat(finals)}
+                       "offsets": lengths.cumsum(0), "features": torch.cat(feats), "final_hidden": torch.cat(finals),
+                       "target_lse": torch.cat(lses)}
             name = f"shard_{len(manifest['shards']):05d}.safetensors"
             tmp = out / (name + ".tmp")
             save_file(tensors, str(tmp))
@@ -139,7 +148,14 @@ class FeatureCache:
         shard = self._shard(i)
         offsets = shard.get_tensor("offsets")
         a, b = int(offsets[j]), int(offsets[j + 1])
+        lse = shard.get_slice("target_lse")[a:b].float() if "target_lse" in shard.keys() else None
         return CachedSequence(
             shard.get_slice("input_ids")[a:b].long(), shard.get_slice("loss_mask")[a:b].long(),
-            shard.get_slice("features")[a:b].float(), shard.get_slice("final_hidden")[a:b].float(),
+            shard.get_slice("features")[a:b].float(), shard.get_slice("final_hidden")[a:b].float(), lse,
         )
+
+    def token_pairs(self):
+        """(input_ids, loss_mask) of every shard, without reading features."""
+        for i in range(len(self.manifest["shards"])):
+            shard = self._shard(i)
+            yield shard.get_tensor("input_ids"), shard.get_tensor("loss_mask")

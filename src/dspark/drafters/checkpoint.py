@@ -26,7 +26,7 @@ FORMAT_VERSION = 1
 ARCHS = ("dspark", "dflash", "eagle3")
 CALIBRATION_FILE = "calibration.json"
 SETTABLE = ("block_size", "num_draft_layers", "markov_rank", "markov_head_type", "confidence_head",
-            "confidence_with_markov", "target_layer_ids", "mask_token_id")
+            "confidence_with_markov", "target_layer_ids", "mask_token_id", "draft_vocab_size")
 
 
 def target_spec_of(target: LoadedModel) -> TargetSpec:
@@ -190,7 +190,7 @@ def load_exact(model: nn.Module, state: dict[str, torch.Tensor], problem: str, d
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
         raise DSparkError(f"{problem}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
 
 
 def read_calibration(path: str | Path) -> dict | None:

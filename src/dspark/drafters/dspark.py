@@ -61,6 +61,11 @@ class DSparkConfig:
     # Per-position confidence temperatures (sequential temperature scaling); filled by calibration.
     confidence_temperatures: tuple[float, ...] = field(default=())
     arch: str = "dspark"
+    # Reduced drafting vocabulary (as Eagle3's draft vocabulary and FR-Spec): the drafter's output
+    # is restricted to these many token ids (the most frequent of the training answers, stored as
+    # the `draft_vocab` tensor); 0 = the full vocabulary. Verification stays exact: a token outside
+    # the subset simply has draft probability 0.
+    draft_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         ids = list(self.target_layer_ids)
@@ -80,6 +85,14 @@ class DSparkConfig:
         if not 0 <= self.mask_token_id < self.target.vocab_size:
             raise DSparkError(f"mask_token_id {self.mask_token_id} is outside the vocabulary [0, {self.target.vocab_size})")
         check_confidence_temperatures(self.confidence_temperatures, self.block_size)
+        if not 0 <= self.draft_vocab_size <= self.target.vocab_size:
+            raise DSparkError(f"draft_vocab_size {self.draft_vocab_size} must be in [0, {self.target.vocab_size}] "
+                              "(0 = the full vocabulary)")
+
+    @property
+    def output_size(self) -> int:
+        """Size of the drafter's output distribution (draft vocabulary or the full one)."""
+        return self.draft_vocab_size or self.target.vocab_size
 
 
 def default_target_layer_ids(num_layers: int, count: int = 5) -> tuple[int, ...]:
@@ -172,7 +185,13 @@ class DSparkModel(TargetSharingModel):
         self.fc = nn.Linear(len(config.target_layer_ids) * hidden, hidden, bias=False)
         self.hidden_norm = RMSNorm(hidden, args.rms_norm_eps)
         self.norm = RMSNorm(hidden, args.rms_norm_eps)
-        self.markov_head = build_sequential_head(config.markov_head_type, args.vocab_size, hidden, config.markov_rank)
+        self.markov_head = build_sequential_head(config.markov_head_type, args.vocab_size, hidden, config.markov_rank,
+                                                 out_size=config.output_size)
+        if config.draft_vocab_size:  # output index -> token id; filled from the training answers
+            self.register_buffer("draft_vocab", torch.arange(config.draft_vocab_size, dtype=torch.long))
+        else:
+            self.draft_vocab = None
+        self._head_rows: tuple | None = None  # (key, LM-head rows of the draft vocabulary)
         conf_rank = config.markov_rank if (config.confidence_with_markov and config.markov_rank) else 0
         self.confidence_head = ConfidenceHead(hidden, conf_rank) if config.confidence_head else None
 
@@ -215,8 +234,25 @@ class DSparkModel(TargetSharingModel):
             h = layer(h, cos, sin, ctx_k, ctx_v, mask)
         return self.norm(h).view(bsz, n_blocks, k_len, -1)
 
+    def head_weight(self) -> torch.Tensor:
+        """The LM-head rows the drafter predicts over: [output_size, H] (the shared head itself, or
+        its draft-vocabulary rows, gathered once and reused while neither changes)."""
+        weight = self.lm_head.weight
+        if self.draft_vocab is None:
+            return weight
+        key = (weight.data_ptr(), weight.dtype, weight.device, self.draft_vocab.data_ptr(), self.draft_vocab._version)
+        if self._head_rows is None or self._head_rows[0] != key:
+            self._head_rows = (key, weight.detach().index_select(0, self.draft_vocab.to(weight.device)))
+        return self._head_rows[1]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        """[..., H] -> [..., output_size] fp32 logits over the drafter's output vocabulary."""
+        weight = self.head_weight()
+        return (hidden.to(weight.dtype) @ weight.T).float()
+
+    def to_token_ids(self, index: torch.Tensor) -> torch.Tensor:
+        """Output indices -> token ids (the identity over the full vocabulary)."""
+        return index if self.draft_vocab is None else self.draft_vocab[index]
 
     def head_logits(self, base_logits: torch.Tensor, prev_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """Teacher-forced sequential head: corrected logits [..., K, V] (base logits if there is no head)."""
@@ -318,8 +354,11 @@ class DSparkDrafter:
             ctx_v = self.cache.values[layer_id][slot_t, :, :width]
             h = layer(h, cos, sin, ctx_k, ctx_v, mask)
         hidden = model.norm(h)  # [B, K, H]
-        base = model.logits(hidden)  # [B, K, V]
+        base = model.logits(hidden)  # [B, K, V'] (V' = the draft vocabulary's size)
         tokens, probs, prev = self._sample(base, hidden, anchors, live)
+        if probs is not None and model.draft_vocab is not None:  # verification reads full-vocabulary q
+            full = torch.zeros(*probs.shape[:2], self.config.target.vocab_size, dtype=probs.dtype)
+            probs = full.index_copy_(2, model.draft_vocab, probs)
         conf = self._confidences(hidden, prev)
         by_slot = {}
         for row, r in enumerate(live):
@@ -331,7 +370,8 @@ class DSparkDrafter:
     def _sample(self, base, hidden, anchors, live):
         """Left-to-right sampling through the sequential head (or independent slots without one).
 
-        Returns tokens [B, K], the warped probabilities they were drawn from [B, K, V] (what
+        Returns tokens [B, K] (token ids), the warped probabilities they were drawn from [B, K, V']
+        over the drafter's output vocabulary (what
         verification must use, or the result is not lossless; None when every row is greedy, since
         greedy verification compares argmaxes only), and the previous tokens [B, K].
         """
@@ -339,6 +379,7 @@ class DSparkDrafter:
         gens = [r.generator for r in live]
         all_greedy = all(p.greedy for p in params)
         head = self.model.markov_head
+        to_ids = self.model.to_token_ids
         k_len = base.shape[1]
         tokens = torch.empty(len(live), k_len, dtype=torch.long)
         probs = None if all_greedy else torch.empty_like(base)
@@ -351,10 +392,10 @@ class DSparkDrafter:
                 bias, state = head.step(prev, hidden[:, k], state)
                 logits = logits + bias.float()
             if all_greedy:
-                tokens[:, k] = logits.argmax(-1)
+                tokens[:, k] = to_ids(logits.argmax(-1))
             else:
                 probs[:, k] = torch.stack([logits_to_probs(logits[i], p) for i, p in enumerate(params)])
-                tokens[:, k] = sample_rows(probs[:, k], params, gens)
+                tokens[:, k] = to_ids(sample_rows(probs[:, k], params, gens))
             prevs.append(prev)
             prev = tokens[:, k]
         return tokens, probs, torch.stack(prevs, dim=1)

@@ -120,6 +120,16 @@ def precheck_drafter_config(raw: dict, target: LoadedModel, where: str) -> None:
             f"vocabulary mismatch: drafter {where} was made for a {vocab}-token vocabulary, but target "
             f"{target.spec!r} has {target.vocab_size}; export the drafter with the target it was made for"
         )
+    draft_vocab = 0 if is_deepspec_config(raw) else int(raw.get("config", {}).get("draft_vocab_size", 0) or 0)
+    if draft_vocab:
+        # Expanding to the full vocabulary would let the engines draft tokens whose logits were never
+        # trained (they were outside every softmax), and neither engine's DSpark loader takes a
+        # draft-to-target token map as their Eagle3 loaders do: refuse rather than ship a weaker drafter.
+        raise DSparkError(
+            f"drafter {where} drafts over a reduced vocabulary (draft_vocab_size {draft_vocab} of "
+            f"{target.vocab_size}); vLLM and SGLang load DSpark drafters over the full vocabulary only, so export "
+            "needs a drafter trained with draft_vocab_size=0"
+        )
 
 
 def engine_caveats(config: DSparkConfig) -> list[str]:

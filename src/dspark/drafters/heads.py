@@ -24,11 +24,11 @@ class SequentialHead(nn.Module):
     u_k; its logit bias is W2(u_k). Keeping the vocabulary-sized part linear in u lets training
     compute it in chunks."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, rank: int):
+    def __init__(self, vocab_size: int, hidden_size: int, rank: int, out_size: int | None = None):
         super().__init__()
         self.rank = rank
-        self.markov_w1 = nn.Embedding(vocab_size, rank)
-        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+        self.markov_w1 = nn.Embedding(vocab_size, rank)  # input: any previous token id
+        self.markov_w2 = nn.Linear(rank, out_size or vocab_size, bias=False)  # output: the drafter's vocabulary
 
     def init_state(self, batch: int, like: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -72,8 +72,8 @@ class VanillaMarkovHead(SequentialHead):
 
 
 class GatedMarkovHead(SequentialHead):
-    def __init__(self, vocab_size: int, hidden_size: int, rank: int):
-        super().__init__(vocab_size, hidden_size, rank)
+    def __init__(self, vocab_size: int, hidden_size: int, rank: int, out_size: int | None = None):
+        super().__init__(vocab_size, hidden_size, rank, out_size)
         self.gate_proj = nn.Linear(hidden_size + rank, rank)
 
     def _features(self, prev_tokens, hidden):
@@ -88,8 +88,8 @@ class GatedMarkovHead(SequentialHead):
 
 
 class RNNHead(SequentialHead):
-    def __init__(self, vocab_size: int, hidden_size: int, rank: int):
-        super().__init__(vocab_size, hidden_size, rank)
+    def __init__(self, vocab_size: int, hidden_size: int, rank: int, out_size: int | None = None):
+        super().__init__(vocab_size, hidden_size, rank, out_size)
         self.joint_proj = nn.Linear(2 * rank + hidden_size, 3 * rank)
 
     def init_state(self, batch, like):
@@ -103,11 +103,13 @@ class RNNHead(SequentialHead):
         return torch.tanh(out), state
 
 
-def build_sequential_head(kind: str, vocab_size: int, hidden_size: int, rank: int) -> SequentialHead | None:
+def build_sequential_head(kind: str, vocab_size: int, hidden_size: int, rank: int,
+                          out_size: int | None = None) -> SequentialHead | None:
+    """out_size: the drafter's output vocabulary (a draft vocabulary; default the full one)."""
     if rank == 0:
         return None
     heads = {"vanilla": VanillaMarkovHead, "gated": GatedMarkovHead, "rnn": RNNHead}
-    return heads[kind](vocab_size, hidden_size, rank)
+    return heads[kind](vocab_size, hidden_size, rank, out_size)
 
 
 class ConfidenceHead(nn.Module):

@@ -1,7 +1,10 @@
-"""Build a drafter from its name (the CLI's --drafter)."""
+"""Build a drafter from its name (the CLI's --drafter), including the builtin drafters shipped
+with the package (`drafters/builtin/<name>/`: a drafter folder plus `card.json`, which says how it
+was trained and what it measured)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from dspark.drafters.base import Drafter
@@ -11,12 +14,46 @@ from dspark.drafters.simple import NgramDrafter, NoDrafter
 from dspark.errors import DSparkError
 from dspark.models.target import LoadedModel, load_model
 
-DRAFTERS = ("none", "ngram", "draft-model", "a drafter folder (dspark drafter init / training)")
+DRAFTERS = ("auto", "builtin", "none", "ngram", "draft-model", "a drafter folder (dspark drafter init / training)")
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
+def builtin_drafters() -> dict[str, Path]:
+    """Name -> folder of every builtin drafter shipped with the package."""
+    if not BUILTIN_DIR.is_dir():
+        return {}
+    return {d.name: d for d in sorted(BUILTIN_DIR.iterdir()) if (d / "config.json").is_file()}
+
+
+def builtin_drafter_for(target: LoadedModel) -> Path | None:
+    """The builtin drafter made for this target (matched by the target's weight fingerprint), if any."""
+    for folder in builtin_drafters().values():
+        made_for = json.loads((folder / "config.json").read_text())["config"]["target"]
+        if made_for.get("fingerprint") == target.fingerprint:
+            return folder
+    return None
+
+
+def resolve_drafter_name(name: str, target: LoadedModel) -> str:
+    """What `auto` and `builtin` stand for with this target: a builtin folder's path, or `ngram`."""
+    if name not in ("auto", "builtin"):
+        return str(builtin_drafters().get(name, name))
+    folder = builtin_drafter_for(target)
+    if folder is not None:
+        return str(folder)
+    if name == "builtin":
+        names = ", ".join(builtin_drafters()) or "none"
+        raise DSparkError(f"target {target.spec!r} has no builtin drafter (builtin drafters: {names}); "
+                          "use ngram, none, draft-model or a drafter folder")
+    return "ngram"
 
 
 def build_drafter(
     name: str, target: LoadedModel, draft_model: str | None = None, dtype: str = "bf16"
 ) -> Drafter:
+    """auto: the target's builtin drafter if it has one, else ngram; builtin: the builtin drafter
+    (an error for targets without one); a builtin drafter's name; none, ngram, draft-model, a folder."""
+    name = resolve_drafter_name(name, target)
     if name == "none":
         return NoDrafter()
     if name == "ngram":

@@ -8,6 +8,8 @@ the hidden states of chosen layers, which drafters use as context features.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -143,13 +145,30 @@ def grouped_attention(
     bsz, heads, n, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    compute = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
-    scores = torch.matmul(q.reshape(bsz, kv_heads, group * n, dim).to(compute), k.to(compute).transpose(-1, -2))
+    if q.dtype == torch.bfloat16 and native_bf16_matmul(q.device):
+        # Both products in bf16 (fp32 accumulation in the kernel), the softmax in fp32: converting
+        # the whole K/V cache to fp32 at every step cost more than the attention itself.
+        scores = torch.matmul(q.reshape(bsz, kv_heads, group * n, dim), k.transpose(-1, -2)).float()
+        compute = torch.bfloat16
+    else:
+        compute = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+        scores = torch.matmul(q.reshape(bsz, kv_heads, group * n, dim).to(compute), k.to(compute).transpose(-1, -2))
     scores = scores.view(bsz, kv_heads, group, n, -1) * dim**-0.5
     if mask is not None:
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(bsz, kv_heads, group * n, -1)
+    probs = torch.softmax(scores, dim=-1).view(bsz, kv_heads, group * n, -1).to(compute)
     return torch.matmul(probs, v.to(compute)).to(q.dtype).view(bsz, heads, n, dim)
+
+
+@functools.cache
+def native_bf16_matmul(device: torch.device) -> bool:
+    """Whether bf16 matrix products run on native units here (CUDA, or CPUs with AVX512-BF16 or
+    AMX); on other CPUs they are emulated and slower than fp32."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 class Attention(nn.Module):

@@ -100,7 +100,7 @@ def engine_config(target: LoadedModel, block_size: int | None, max_batch_size: i
 
 
 def serve(
-    target_spec: str, drafter: str = "ngram", policy_name: str = "fixed", host: str = "127.0.0.1",
+    target_spec: str, drafter: str = "auto", policy_name: str = "fixed", host: str = "127.0.0.1",
     port: int = 8000, api_key: str | None = None, max_batch_size: int | None = None,
     block_size: int | None = None, max_seq_len: int | None = None, *, draft_model: str | None = None,
     dtype: str = "bf16", max_queue: int = 64, model_name: str | None = None, cost: str | None = None,

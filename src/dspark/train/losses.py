@@ -6,9 +6,20 @@ Per supervised slot (weight w_k = exp(-k / gamma), gamma = 4.0 as DeepSpec):
         the target distribution recomputed from its final hidden state through the frozen LM head;
   CONF  BCE-with-logits of the confidence against the detached analytic acceptance
         1 - L1/2 (clamped to [0, 1]).
-loss = 0.1 CE + 0.9 L1 + 1.0 CONF, each a w-weighted mean. Vocabulary-sized logits exist only for
-one chunk of rows at a time, recomputed in the backward pass (activation checkpointing), so memory
-does not grow with anchors x vocabulary.
+loss = 0.1 CE + 0.9 L1 + 1.0 CONF, each a w-weighted mean.
+
+Memory: by default the vocabulary-sized logits of every supervised slot are kept for the backward
+pass (on a CPU with GBs of memory this is the fast path). `recompute=True` keeps only one chunk of
+rows at a time and recomputes it in the backward pass (activation checkpointing), so memory does
+not grow with anchors x vocabulary (for GPUs with 150k vocabularies and thousands of anchors).
+
+Draft vocabulary. With a drafter restricted to N token ids (`head_w` the LM-head rows of those ids,
+`labels` mapped to their index or -1), the target's distribution over the subset is
+exp(h_t . W_S - lse_t), with lse_t the target's log-normaliser over the full vocabulary (computed
+once per position and reused by every block that supervises it; cached by `dspark data cache`),
+and L1 = sum_S |q - p| + (1 - sum_S p): the target's mass outside the subset is a constant the
+drafter cannot reach. CE counts slots whose label is in the subset. Equal to the full-vocabulary
+terms when the subset is the whole vocabulary (tested).
 """
 
 from __future__ import annotations
@@ -46,18 +57,43 @@ def position_weights(block_size: int, gamma: float) -> torch.Tensor:
 
 @torch.autocast("cpu", enabled=False)
 @torch.autocast("cuda", enabled=False)
-def _chunk_terms(hidden, head_feats, target_hidden, labels, lm_head_w, w2):
-    """Per-row CE and L1 for one chunk of rows (always fp32, also under autocast); vocabulary-sized
-    tensors live only here."""
-    logits = hidden.float() @ lm_head_w.T
+def _chunk_terms(hidden, head_feats, target_hidden, labels, head_w, w2, target_lse, matmul_dtype=torch.float32):
+    """Per-row CE and L1 for one chunk of rows; vocabulary-sized tensors live only here. The
+    products run in matmul_dtype (bf16 where the hardware has native bf16 units and training
+    autocasts), logits and everything after them in fp32. target_lse None: head_w is the full LM
+    head and the target's softmax is taken over it; else the target's log-normaliser per row
+    (head_w a draft vocabulary's rows)."""
+    md = matmul_dtype
+    head = head_w.to(md)
+    logits = (hidden.to(md) @ head.T).float()
     if head_feats is not None:
-        logits = logits + head_feats.float() @ w2.float().T
+        logits = logits + (head_feats.to(md) @ w2.to(md).T).float()
     log_draft = torch.log_softmax(logits, dim=-1)
     with torch.no_grad():
-        target = torch.softmax(target_hidden.float() @ lm_head_w.T, dim=-1)
-    ce = -log_draft.gather(-1, labels[:, None]).squeeze(-1)
+        target_logits = (target_hidden.to(md) @ head.T).float()
+        if target_lse is None:
+            target, outside = torch.softmax(target_logits, dim=-1), None
+        else:
+            target = torch.exp(target_logits - target_lse[:, None])
+            outside = (1 - target.sum(-1)).clamp_min(0)
+    ce = -log_draft.gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1) * (labels >= 0)
     l1 = (log_draft.exp() - target).abs().sum(-1)
+    if outside is not None:
+        l1 = l1 + outside
     return ce, l1
+
+
+@torch.no_grad()
+def log_normalizer(hidden: torch.Tensor, lm_head_w: torch.Tensor, chunk_rows: int = 256,
+                   matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[S, H] final hidden states -> [S] fp32 logsumexp of the target's logits (chunked over rows;
+    the product in matmul_dtype, the sum in fp32)."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32)
+    head = lm_head_w.to(matmul_dtype)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        logits = (hidden[start : start + chunk_rows].to(matmul_dtype) @ head.T).float()
+        out[start : start + chunk_rows] = torch.logsumexp(logits, -1)
+    return out
 
 
 def dspark_loss(
@@ -71,26 +107,34 @@ def dspark_loss(
     w2: torch.Tensor | None,
     lw: LossWeights,
     chunk_rows: int = 128,
+    target_lse: torch.Tensor | None = None,
+    recompute: bool = False,
+    matmul_dtype: torch.dtype = torch.float32,
 ) -> LossOutput:
     """Rows are supervised slots: hidden [M, H] (draft, normed), head_feats [M, R] or None (the
     sequential head's rank-R features; its logit bias is w2 @ feats), conf_logits [M] or None,
-    target_hidden [M, H] (target final hidden at the predicting position), labels [M],
-    weights [M] (position weights), lm_head_w [V, H] fp32 (frozen), w2 [V, R] or None."""
+    target_hidden [M, H] (target final hidden at the predicting position), labels [M] (indices into
+    the drafter's output vocabulary; -1 = outside it), weights [M] (position weights), lm_head_w
+    [V', H] fp32 frozen (the LM head, or a draft vocabulary's rows of it), w2 [V', R] or None,
+    target_lse [M] (the target's full-vocabulary log-normaliser; required with a draft vocabulary),
+    matmul_dtype: precision of the vocabulary-sized products (fp32 default; bf16 under autocast)."""
     ces, l1s = [], []
-    for start in range(0, hidden.shape[0], chunk_rows):
-        sl = slice(start, start + chunk_rows)
-        feats = head_feats[sl] if head_feats is not None else None
-        if torch.is_grad_enabled():
-            ce, l1 = checkpoint(_chunk_terms, hidden[sl], feats, target_hidden[sl], labels[sl], lm_head_w, w2,
-                                use_reentrant=False)
+    step = chunk_rows if recompute else max(hidden.shape[0], 1)
+    for start in range(0, hidden.shape[0], step):
+        sl = slice(start, start + step)
+        args = (hidden[sl], head_feats[sl] if head_feats is not None else None, target_hidden[sl], labels[sl],
+                lm_head_w, w2, None if target_lse is None else target_lse[sl], matmul_dtype)
+        if recompute and torch.is_grad_enabled():
+            ce, l1 = checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:
-            ce, l1 = _chunk_terms(hidden[sl], feats, target_hidden[sl], labels[sl], lm_head_w, w2)
+            ce, l1 = _chunk_terms(*args)
         ces.append(ce)
         l1s.append(l1)
     ce, l1 = torch.cat(ces), torch.cat(l1s)
     acceptance = (1 - 0.5 * l1.detach()).clamp(0, 1)
     denom = weights.sum().clamp_min(1e-6)
-    ce_mean = (weights * ce).sum() / denom
+    ce_weights = weights * (labels >= 0)
+    ce_mean = (ce_weights * ce).sum() / ce_weights.sum().clamp_min(1e-6)
     l1_mean = (weights * l1).sum() / denom
     loss = lw.ce * ce_mean + lw.l1 * l1_mean
     conf_mean = torch.zeros(())

@@ -28,8 +28,9 @@ from dspark.errors import DSparkError
 from dspark.models.target import LoadedModel
 from dspark.train.anchors import Blocks, sample_blocks
 from dspark.train.losses import (
-    LossOutput, LossWeights, dspark_loss, eagle3_loss, expected_accept_length, position_weights,
+    LossOutput, LossWeights, dspark_loss, eagle3_loss, expected_accept_length, log_normalizer, position_weights,
 )
+from dspark.train.vocab import coverage, select_draft_vocab, token_counts
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class TrainConfig:
     # bf16 autocast of the drafter's forward: "off", "bf16", or "auto" (on where the hardware has
     # bf16 matmuls: CUDA with bf16, CPUs with AVX512-BF16 or AMX). Losses stay in fp32 either way.
     autocast: str = "off"
+    # Keep only one chunk of vocabulary-sized logits and recompute it in the backward pass (for
+    # GPU-sized vocabularies x anchors); off by default: storing them is faster where memory allows.
+    recompute_logits: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ("dspark", "dflash", "eagle3"):
@@ -69,10 +73,12 @@ def preset_tiny() -> TrainConfig:
 
 
 def preset_dspark_smollm2() -> TrainConfig:
-    """SmolLM2-135M on a CPU: 1 draft layer, block 7, Markov rank 64 (256 would cost a fifth of a
-    decode round at batch 1 on a 49k vocabulary, see benchmarks/bench_drafters.py)."""
-    return TrainConfig(drafter={"num_draft_layers": 1, "block_size": 7, "markov_rank": 64}, max_length=1024,
-                       num_anchors=64, lr=1e-3, grad_accum=8, save_every=50)
+    """SmolLM2-135M on a CPU: 1 draft layer, block 7, Markov rank 64, a 16k-token draft vocabulary
+    (the drafter's LM head and losses cost a third of the 49k vocabulary's; see
+    benchmarks/bench_training.py and bench_drafters.py), bf16 products where the CPU has bf16 units,
+    conversations up to 1536 tokens (prompts up to 1024 plus their answers)."""
+    return TrainConfig(drafter={"num_draft_layers": 1, "block_size": 7, "markov_rank": 64, "draft_vocab_size": 16384},
+                       max_length=1536, num_anchors=64, lr=1e-3, grad_accum=8, save_every=50, autocast="auto")
 
 
 def preset_dflash_smollm2() -> TrainConfig:
@@ -213,8 +219,11 @@ def target_features(target: LoadedModel, layers: tuple[int, ...], input_ids: tor
 
 
 def block_loss(model: DSparkModel, blocks: Blocks, features: torch.Tensor, final_hidden: torch.Tensor,
-               lm_head_w: torch.Tensor, cfg: TrainConfig) -> LossOutput:
-    """Loss of one sequence's blocks (teacher forcing)."""
+               lm_head_w: torch.Tensor, cfg: TrainConfig, target_lse: torch.Tensor | None = None,
+               label_index: torch.Tensor | None = None, matmul_dtype: torch.dtype = torch.float32) -> LossOutput:
+    """Loss of one sequence's blocks (teacher forcing). With a draft vocabulary: lm_head_w holds its
+    rows, label_index [V] maps token ids to their index (-1 outside), target_lse [S] is the target's
+    log-normaliser per position."""
     hidden = model.forward_blocks(features[None], blocks.anchor_tokens[None], blocks.anchor_positions[None],
                                   blocks.keep[None])[0]  # [N, K, H]
     rows = blocks.label_mask
@@ -222,9 +231,15 @@ def block_loss(model: DSparkModel, blocks: Blocks, features: torch.Tensor, final
     head = model.markov_head
     feats = head.block_features(blocks.prev_tokens, hidden)[rows] if head is not None else None
     conf = model.confidence_logits(hidden, blocks.prev_tokens)
+    positions = blocks.target_positions[rows]
+    labels = blocks.labels[rows]
+    if label_index is not None:
+        labels = label_index[labels]
     return dspark_loss(hidden[rows], feats, conf[rows] if conf is not None else None,
-                       final_hidden[blocks.target_positions[rows]], blocks.labels[rows], weights, lm_head_w,
-                       head.markov_w2.weight if head is not None else None, cfg.loss)
+                       final_hidden[positions], labels, weights, lm_head_w,
+                       head.markov_w2.weight if head is not None else None, cfg.loss,
+                       target_lse=None if target_lse is None else target_lse[positions],
+                       recompute=cfg.recompute_logits, matmul_dtype=matmul_dtype)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -257,6 +272,8 @@ class Trainer:
         self.eval_prompt_ids = eval_prompt_ids or []
         self.tensorboard_dir = tensorboard_dir
         self.autocast = autocast_enabled(cfg.autocast)
+        # Vocabulary-sized loss products follow autocast (bf16 units make them ~4x faster); fp32 otherwise.
+        self.matmul_dtype = torch.bfloat16 if self.autocast else torch.float32
         self.target, self.cfg = target, cfg
         self.out = Path(out_dir)
         self.feature_cache = None
@@ -275,13 +292,45 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * per_epoch
         self.rank, self.world = _rank_and_world()
         self.step, self.epoch, self.index = 0, 0, 0
+        self.tokens_seen = 0  # sequence tokens trained on so far, over all processes (the learning curve's x)
+        # Where a step's time goes (seconds summed since construction) and the sequence tokens seen:
+        # features (online: the target forward; cached: reading), forward (drafter and losses),
+        # backward, optimizer (clipping included).
+        self.timings = dict.fromkeys(("features_s", "forward_s", "backward_s", "optimizer_s", "tokens"), 0.0)
         self.anchor_gen = torch.Generator().manual_seed(cfg.seed + self.rank)
         latest = self.out / "latest"
         if latest.is_file():
             self._resume(self.out / latest.read_text().strip())
         else:
             self.model = self._trainable(build_drafter(target, cfg))
+            self._choose_draft_vocab()
             self.optimizer = self._optimizer()
+        self._setup_draft_vocab()
+
+    def _choose_draft_vocab(self) -> None:
+        """A new drafter with a draft vocabulary: the most frequent assistant tokens of the data."""
+        size = getattr(self.model.config, "draft_vocab_size", 0)
+        if not size:
+            return
+        vocab = self.target.vocab_size
+        if self.feature_cache is not None:
+            pairs = self.feature_cache.token_pairs()
+        else:
+            pairs = ((s.input_ids, s.loss_mask) for s in self.sequences)
+        counts = token_counts(pairs, vocab)
+        ids = select_draft_vocab(counts, size, self.target.eos_token_ids)
+        self.model.draft_vocab.copy_(ids)
+        self.draft_vocab_coverage = coverage(counts, ids)
+
+    def _setup_draft_vocab(self) -> None:
+        """Loss-side views of the draft vocabulary: its LM-head rows and the token -> index map."""
+        self.head_w, self.label_index = self.lm_head_w, None
+        vocab_ids = getattr(self.model, "draft_vocab", None)
+        if vocab_ids is None:
+            return
+        self.head_w = self.lm_head_w.index_select(0, vocab_ids)
+        self.label_index = torch.full((self.lm_head_w.shape[0],), -1, dtype=torch.long)
+        self.label_index[vocab_ids] = torch.arange(vocab_ids.numel())
 
     def _trainable(self, model: DSparkModel) -> DSparkModel:
         return model.float().train().requires_grad_(True)
@@ -301,9 +350,11 @@ class Trainer:
         self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         self.anchor_gen.set_state(torch.load(ckpt / f"rng.rank{self.rank}.pt", weights_only=True))
         self.step, self.epoch, self.index = state["step"], state["epoch"], state["index"]
+        self.tokens_seen = state.get("tokens_seen", 0)
 
-    def _next_sequence(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids [S], loss_mask [S], features [S, L*H], final_hidden [S, H]) of the next sequence."""
+    def _next_sequence(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(input_ids [S], loss_mask [S], features [S, L*H], final_hidden [S, H], target_lse [S] or None)
+        of the next sequence; the log-normaliser only where a draft vocabulary needs it."""
         order = torch.randperm(self.num_sequences, generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch))
         # Each micro-step consumes `world` sequences of the epoch's order; rank r takes the r-th.
         k = int(order[(self.index + self.rank) % self.num_sequences])
@@ -312,12 +363,19 @@ class Trainer:
             self.epoch, self.index = self.epoch + 1, 0
         if self.feature_cache is not None:
             c = self.feature_cache[k]
-            return c.input_ids, c.loss_mask, c.features, c.final_hidden
-        seq = self.sequences[k]
-        features, final_hidden = target_features(self.target, self.model.config.target_layer_ids, seq.input_ids, self.cache)
-        return seq.input_ids, seq.loss_mask, features, final_hidden
+            input_ids, loss_mask, features, final_hidden, lse = c.input_ids, c.loss_mask, c.features, c.final_hidden, c.target_lse
+        else:
+            seq = self.sequences[k]
+            features, final_hidden = target_features(self.target, self.model.config.target_layer_ids, seq.input_ids,
+                                                     self.cache)
+            input_ids, loss_mask, lse = seq.input_ids, seq.loss_mask, None
+        if self.label_index is None:
+            lse = None
+        elif lse is None:
+            lse = log_normalizer(final_hidden, self.lm_head_w, matmul_dtype=self.matmul_dtype)
+        return input_ids, loss_mask, features, final_hidden, lse
 
-    def _sequence_loss(self, input_ids, loss_mask, features, final_hidden):
+    def _sequence_loss(self, input_ids, loss_mask, features, final_hidden, target_lse=None):
         """(loss, {ce, l1, confidence}, tau estimate) of one sequence, or None when nothing is supervised."""
         cfg, model = self.cfg, self.model
         if cfg.arch == "eagle3":
@@ -331,7 +389,8 @@ class Trainer:
         blocks = sample_blocks(input_ids, loss_mask, cfg.num_anchors, model.config.block_size, self.anchor_gen)
         if not bool(blocks.label_mask.any()):
             return None
-        out = block_loss(model, blocks, features, final_hidden, self.lm_head_w, cfg)
+        out = block_loss(model, blocks, features, final_hidden, self.head_w, cfg, target_lse, self.label_index,
+                         self.matmul_dtype)
         parts = {"ce": out.ce, "l1": out.l1, "confidence": out.confidence}
         return out.loss, parts, expected_accept_length(out.acceptance, blocks.label_mask)
 
@@ -344,14 +403,23 @@ class Trainer:
         totals = {"loss": 0.0, "ce": 0.0, "l1": 0.0, "confidence": 0.0}
         taus = []
         device = "cuda" if self.lm_head_w.is_cuda else "cpu"
+        clock = time.perf_counter
         for _ in range(cfg.grad_accum):
-            input_ids, loss_mask, features, final_hidden = self._next_sequence()
+            t0 = clock()
+            input_ids, loss_mask, features, final_hidden, target_lse = self._next_sequence()
+            t1 = clock()
             with torch.autocast(device, dtype=torch.bfloat16, enabled=self.autocast):
-                loss_out = self._sequence_loss(input_ids, loss_mask, features, final_hidden)
+                loss_out = self._sequence_loss(input_ids, loss_mask, features, final_hidden, target_lse)
+            t2 = clock()
+            self.timings["features_s"] += t1 - t0
+            self.timings["forward_s"] += t2 - t1
+            self.timings["tokens"] += input_ids.numel()
+            self.tokens_seen += input_ids.numel() * self.world
             if loss_out is None:
                 continue
             loss, parts, tau = loss_out
             (loss / cfg.grad_accum).backward()
+            self.timings["backward_s"] += clock() - t2
             totals["loss"] += float(loss.detach()) / cfg.grad_accum
             for key, value in parts.items():
                 totals[key] += value / cfg.grad_accum
@@ -367,11 +435,14 @@ class Trainer:
             stats = torch.tensor([totals["loss"], totals["ce"], totals["l1"], totals["confidence"]], dtype=torch.float64)
             dist.all_reduce(stats)
             totals = dict(zip(("loss", "ce", "l1", "confidence"), (stats / self.world).tolist()))
+        t0 = clock()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.timings["optimizer_s"] += clock() - t0
         self.step += 1
-        return {"step": self.step, **totals, "tau_estimate": sum(taus) / len(taus) if taus else math.nan,
+        return {"step": self.step, "tokens_seen": self.tokens_seen, **totals,
+                "tau_estimate": sum(taus) / len(taus) if taus else math.nan,
                 "lr": lr, "grad_norm": float(grad_norm)}
 
     def save(self) -> Path:
@@ -381,6 +452,7 @@ class Trainer:
             save_drafter(self.model, ckpt, overwrite=True)
             torch.save(self.optimizer.state_dict(), ckpt / "optimizer.pt")
             state = {"step": self.step, "epoch": self.epoch, "index": self.index, "total_steps": self.total_steps,
+                     "tokens_seen": self.tokens_seen,
                      "world_size": self.world, "train_config": _jsonable(self.cfg)}
             (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=2))
         _barrier(self.world)
