@@ -3,8 +3,8 @@
     .venv/bin/python scripts/split_answers.py --data runs/data runs/data_b --out runs/train_data \\
         --holdout-out runs/holdout_prompts.jsonl --holdout-every 40
 
-A prompt is held out when crc32(id) % holdout_every == 0: the same prompts on every machine and
-rerun. Held-out prompts go to a DeepSpec-format JSONL (`turns`) for calibration and checkpoint
+A prompt is held out by `dspark distill`'s rule (crc32(id) % holdout_every == 0): the same prompts
+on every machine and rerun, and the ones `dspark distill --holdout-every N` holds out. Held-out prompts go to a DeepSpec-format JSONL (`turns`) for calibration and checkpoint
 selection (never the eval split); the rest, deduplicated by id, to OUT/answers.jsonl.
 """
 
@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import zlib
 from pathlib import Path
+
+from dspark.train.distill import is_held_out
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
             if record["id"] in seen:
                 continue
             seen.add(record["id"])
-            if zlib.crc32(record["id"].encode()) % args.holdout_every == 0:
+            if is_held_out(record["id"], args.holdout_every):
                 user = next(m["content"] for m in record["messages"] if m["role"] == "user")
                 held.append({"id": record["id"], "turns": [user]})
             else:

@@ -245,6 +245,11 @@ def test_draft_vocabulary_holds_the_most_frequent_answer_tokens_and_the_stop_tok
     assert coverage(counts, vocab) == pytest.approx(5 / 6)
     with pytest.raises(DSparkError, match="draft_vocab_size 13"):
         select_draft_vocab(counts, 13)
+    prompt_counts = token_counts([(ids, mask)], 12, supervised=False)
+    assert prompt_counts[2] == 1 and prompt_counts.sum() == 1
+    # ties among unseen answer tokens go to tokens of the prompts: id 2 before ids 0, 3, 4, ...
+    assert select_draft_vocab(counts, 5, required=[1], tie_counts=prompt_counts).tolist() == [1, 2, 5, 7, 9]
+    assert select_draft_vocab(counts, 5, required=[1]).tolist() == [0, 1, 5, 7, 9]
 
 
 def test_position_weights_and_tau_estimate():

@@ -270,7 +270,7 @@ def add_data_parser(sub) -> None:
     cache.add_argument("--layers", help="comma-separated target layer ids (default: the drafters' default)")
     cache.add_argument("--cache-dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"],
                        help="feature dtype; fp8 is the compact form (half the bytes, lossy)")
-    cache.add_argument("--max-length", type=_positive_int, default=1024)
+    cache.add_argument("--max-length", type=_positive_int, default=1536, help="tokens per conversation (the preset's max_length)")
     cache.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="dtype of the target")
     cache.set_defaults(func=run_cache)
 
@@ -317,6 +317,20 @@ def run_cache(args) -> int:
     return 0
 
 
+def _duration(text: str) -> float:
+    """'90s', '45m', '2h' or plain seconds -> seconds (> 0)."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    raw = text.strip().lower()
+    scale = units.get(raw[-1:], None)
+    try:
+        value = float(raw[:-1] if scale else raw) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (e.g. 900s, 45m, 2h)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be > 0, got {text!r}")
+    return value
+
+
 def add_train_parser(sub) -> None:
     from dspark.train.trainer import PRESETS
 
@@ -333,6 +347,8 @@ def add_train_parser(sub) -> None:
                    help="held-out prompt files: at every checkpoint, measure the real accept length on them")
     p.add_argument("--eval-limit", type=_positive_int, default=8, help="how many held-out prompts")
     p.add_argument("--tensorboard", metavar="DIR", help="also write TensorBoard event files here")
+    p.add_argument("--time-budget", type=_duration, metavar="DURATION",
+                   help="stop after this long (e.g. 45m, 2h, 900s), saving a checkpoint; rerun to resume")
     p.set_defaults(func=run_train)
 
 
@@ -350,7 +366,7 @@ def run_train(args) -> int:
     distributed = init_distributed()
     try:
         trainer = Trainer(target, cfg, args.data, args.out, eval_ids, args.tensorboard)
-        final = trainer.run()
+        final = trainer.run(time_budget_s=args.time_budget)
     finally:
         if distributed:
             import torch.distributed as dist
@@ -358,6 +374,54 @@ def run_train(args) -> int:
             dist.destroy_process_group()
     if trainer.rank == 0:
         print(f"trained {trainer.step} steps on {trainer.world} process(es); drafter folder: {final}")
+    return 0
+
+
+def add_distill_parser(sub) -> None:
+    from dspark.train.trainer import PRESETS
+
+    p = sub.add_parser("distill", help="the whole recipe, resumable stage by stage: hold out, regenerate, "
+                                       "features, train, calibrate, evaluate, report")
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--prompts", nargs="+", required=True, help="training prompt files or folders (never the eval split)")
+    p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
+    p.add_argument("--preset", default="dspark-smollm2-135m", help=f"training preset, one of: {', '.join(PRESETS)}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a training or drafter setting")
+    p.add_argument("--features", default="cache", choices=["cache", "online"],
+                   help="write the target's features once (cache) or compute them in every step (online)")
+    p.add_argument("--cache-dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"])
+    p.add_argument("--endpoint", help="regenerate through this OpenAI-compatible server (vLLM, SGLang) instead of locally")
+    p.add_argument("--model", default="default", help="model name sent to --endpoint")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=320, help="answer length when regenerating")
+    p.add_argument("--max-prompt-tokens", type=_non_negative_int, default=1024, help="skip longer prompts (0: no limit)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="regeneration batch")
+    p.add_argument("--holdout-every", type=_positive_int, default=40,
+                   help="hold out 1 prompt in N (by id hash) for calibration")
+    p.add_argument("--max-steps", type=_non_negative_int, default=0, help="training steps (0: the preset's epochs)")
+    p.add_argument("--time-budget", type=_duration, metavar="DURATION",
+                   help="training stops after this long (e.g. 45m) with a checkpoint; rerun to continue")
+    p.add_argument("--eval-benchmarks", nargs="*", default=[], help="evaluation prompt files or folders")
+    p.add_argument("--eval-limit", type=_positive_int, default=8, help="prompts per benchmark")
+    p.add_argument("--eval-max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--eval-temperature", type=float, default=0.0)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="dtype of the target")
+    p.set_defaults(func=run_distill)
+
+
+def run_distill(args) -> int:
+    from dspark.models.target import load_model
+    from dspark.train.distill import DistillConfig, distill
+
+    cfg = DistillConfig(preset=args.preset, overrides=tuple(args.set), features=args.features,
+                        cache_dtype=args.cache_dtype, holdout_every=args.holdout_every,
+                        max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                        batch_size=args.batch_size, endpoint=args.endpoint, model=args.model,
+                        eval_benchmarks=tuple(args.eval_benchmarks), eval_limit=args.eval_limit,
+                        eval_max_new_tokens=args.eval_max_new_tokens, eval_temperature=args.eval_temperature,
+                        max_steps=args.max_steps, time_budget_s=args.time_budget)
+    target = load_model(args.target, args.dtype)
+    distill(target, args.prompts, args.out, cfg, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(Path(args.out, "report.md").read_text())
     return 0
 
 
@@ -591,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_drafter_parser(sub)
     add_data_parser(sub)
     add_train_parser(sub)
+    add_distill_parser(sub)
     add_eval_parser(sub)
     add_calibrate_parser(sub)
     add_serve_parser(sub)

@@ -314,11 +314,11 @@ class Trainer:
             return
         vocab = self.target.vocab_size
         if self.feature_cache is not None:
-            pairs = self.feature_cache.token_pairs()
+            pairs = list(self.feature_cache.token_pairs())
         else:
-            pairs = ((s.input_ids, s.loss_mask) for s in self.sequences)
+            pairs = [(s.input_ids, s.loss_mask) for s in self.sequences]
         counts = token_counts(pairs, vocab)
-        ids = select_draft_vocab(counts, size, self.target.eos_token_ids)
+        ids = select_draft_vocab(counts, size, self.target.eos_token_ids, tie_counts=token_counts(pairs, vocab, False))
         self.model.draft_vocab.copy_(ids)
         self.draft_vocab_coverage = coverage(counts, ids)
 
@@ -462,7 +462,10 @@ class Trainer:
             _atomic_write(self.out / "latest", ckpt.name)  # last: only complete checkpoints are named
         return ckpt
 
-    def run(self, progress: bool = True) -> Path:
+    def run(self, progress: bool = True, time_budget_s: float | None = None) -> Path:
+        """Train to total_steps (or until time_budget_s has passed: the step then in progress ends,
+        a checkpoint is saved, and a rerun resumes from it). Returns the newest checkpoint."""
+        deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
         self.out.mkdir(parents=True, exist_ok=True)
         lead = self.rank == 0
         log = open(self.out / "train_log.jsonl", "a", encoding="utf-8") if lead else open(os.devnull, "w")
@@ -487,7 +490,8 @@ class Trainer:
                             board.add_scalar(f"train/{key}", value, self.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", tau=f"{metrics['tau_estimate']:.2f}")
-                if self.step % self.cfg.save_every == 0 or self.step == self.total_steps:
+                out_of_time = deadline is not None and _agreed(time.monotonic() >= deadline, self.world)
+                if self.step % self.cfg.save_every == 0 or self.step == self.total_steps or out_of_time:
                     ckpt = self.save()
                     if self.eval_prompt_ids and lead:
                         tau = evaluate_acceptance(self.target, ckpt, self.eval_prompt_ids)
@@ -496,6 +500,9 @@ class Trainer:
                         if board is not None:
                             board.add_scalar("eval/accept_length", tau, self.step)
                         bar.write(f"step {self.step}: accept length on held-out prompts {tau:.3f}")
+                if out_of_time:
+                    bar.write(f"time budget spent at step {self.step}; rerun to resume")
+                    break
         finally:
             bar.close()
             log.close()
@@ -511,6 +518,17 @@ def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _agreed(flag: bool, world: int) -> bool:
+    """True on every process when it is true on any (so all stop at the same step)."""
+    if world <= 1:
+        return flag
+    import torch.distributed as dist
+
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _barrier(world: int) -> None:
