@@ -155,6 +155,29 @@ def test_smollm2_chat_generation_on_humaneval_prompts(capsys, smollm2_dir, tmp_p
     assert all(r["accept_length"] >= 1.0 for r in results["ngram"])
 
 
+@pytest.mark.slow
+def test_the_builtin_drafter_is_the_default_lossless_and_accepted(capsys, smollm2_dir):
+    """The quick start's drafter: `auto` picks the builtin DSpark drafter for SmolLM2; greedy output
+    equals plain decoding (fp32) and drafts are accepted."""
+    from dspark.drafters.registry import builtin_drafters
+
+    if "smollm2-135m-dspark" not in builtin_drafters():
+        pytest.fail("the package ships no builtin drafter for smollm2-135m")
+    argv = ["--prompt", "What is 12 * 7? Explain step by step.", "--chat", "--max-new-tokens", "48", "--dtype", "fp32"]
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == 0, err
+    auto = json_lines(out)[0]
+    code, out, err = run(capsys, *argv, "--json", "--drafter", "none")
+    assert code == 0, err
+    assert auto["token_ids"] == json_lines(out)[0]["token_ids"]
+    assert auto["accept_length"] > 1.2
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and "[builtin smollm2-135m-dspark]" in err and "accept length" in err
+    assert main(["drafter", "info", "smollm2-135m-dspark"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["draft_vocab_size"] > 0 and "card" in info and "calibration" in info
+
+
 @pytest.mark.parametrize("arch", ["dspark", "dflash", "eagle3"])
 def test_drafter_init_info_and_generate_with_the_folder(capsys, tiny_dirs, tmp_path, arch):
     out = tmp_path / arch
@@ -219,3 +242,9 @@ def test_generate_with_each_verification_policy_keeps_greedy_output(capsys, tiny
     assert code == 0, err
     reference = json_lines(run(capsys, *args, "--drafter", "none")[1])[0]
     assert json_lines(out)[0]["token_ids"] == reference["token_ids"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("dspark ")

@@ -217,3 +217,31 @@ def test_drafters_sharing_a_folder_name_get_distinct_labels_and_settings_are_not
     other = runner.EvalConfig(temperature=0.0, block_size=2, max_new_tokens=6)
     with pytest.raises(DSparkError, match="temperature"):
         runner.run_eval(target, {}, [str(bench)], tmp_path / "out", other, plots=False)
+
+
+def test_eval_without_matplotlib_writes_results_and_skips_plots(monkeypatch, tmp_path, capsys):
+    """The `eval` extra is optional: without matplotlib, results.json and report.md are written and
+    the plots are skipped with one line naming the extra (no traceback, nothing lost)."""
+    import builtins
+
+    from dspark.drafters.simple import NgramDrafter
+    from dspark.eval.runner import EvalConfig, run_eval
+    from dspark.models.target import load_model
+    from tests.conftest import save_tiny_model
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    target = load_model(str(save_tiny_model(tmp_path / "t", "qwen3")), "fp32")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text('{"turns": ["w5 w6 w7"]}\n')
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.warns(UserWarning, match="plots skipped.*dspark\\[eval\\]"):
+        results = run_eval(target, {"ngram": NgramDrafter()}, [str(bench)], tmp_path / "out",
+                           EvalConfig(max_new_tokens=8, limit=1))
+    assert results["plots"] == []
+    assert (tmp_path / "out" / "results.json").is_file() and (tmp_path / "out" / "report.md").is_file()

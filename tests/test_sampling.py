@@ -7,7 +7,7 @@ import torch
 
 from dspark.config import SamplingParams
 from dspark.errors import DSparkError
-from dspark.sampling import logits_to_probs
+from dspark.sampling import logits_to_probs, sample
 
 LOGITS = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]], dtype=torch.float64))
 
@@ -61,3 +61,27 @@ def test_inverse_cdf_sampler_matches_probabilities_and_skips_zeros():
     sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
     assert ((counts - probs.double()).abs() <= 5 * sigma + 1e-12).all(), f"{counts} vs {probs} (5 sigma per cell)"
     assert sample(torch.tensor([0.0, 0.0, 1.0]), gen) == 2
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-300, 5e-324, 9e-6])
+def test_tiny_temperatures_decode_greedily(temperature):
+    params = SamplingParams(temperature=temperature, top_k=5)
+    assert params.greedy
+    logits = torch.tensor([0.1, 3.0, -2.0, 2.9])
+    probs = logits_to_probs(logits, params)
+    assert probs.tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("top_p", [1e-46, 1e-300, 1e-40])
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_tiny_top_p_keeps_the_most_likely_token(top_p, top_k):
+    params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)
+    probs = logits_to_probs(torch.tensor([0.1, 3.0, -2.0, 2.9]), params)
+    assert probs.tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert sample(probs, torch.Generator().manual_seed(0)) == 1
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -1.0])
+def test_non_finite_or_negative_temperature_is_refused(temperature):
+    with pytest.raises(DSparkError, match="temperature must be finite and >= 0"):
+        SamplingParams(temperature=temperature)

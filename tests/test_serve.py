@@ -226,6 +226,28 @@ def test_concurrent_streams_with_cancellations_lose_nothing_and_free_every_slot(
 
 
 # -------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("extra", [{"temperature": 1e-40}, {"temperature": 5e-324}, {"temperature": 1.0, "top_p": 1e-46},
+                                   {"temperature": 1.0, "top_p": 1e-300, "top_k": 3}])
+def test_sampling_edge_values_complete_and_keep_other_requests_alive(target, extra):
+    """Values that once failed inside the engine step (and aborted every request in flight)."""
+    app, async_engine = make_app(target)
+    with TestClient(app) as client:
+        reply = client.post("/v1/completions", json={"prompt": "w5 w6", "max_tokens": 4, **extra})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        assert client.post("/v1/completions", json={"prompt": "w7", "max_tokens": 2, "temperature": 0}).status_code == 200
+
+
+@pytest.mark.parametrize("raw", ['{"prompt": "w5", "temperature": Infinity}', '{"prompt": "w5", "temperature": 1e400}',
+                                 '{"prompt": "w5", "temperature": NaN}'])
+def test_non_finite_temperature_is_refused(target, raw):
+    app, async_engine = make_app(target)
+    with TestClient(app) as client:
+        reply = client.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+        assert reply.status_code == 400 and "temperature" in reply.text, reply.text
+        assert engine_is_empty(async_engine)
+
+
 @pytest.mark.parametrize("path, body, status, param", [
     ("/v1/completions", {"prompt": "w5", "temperature": -0.5}, 400, "temperature"),
     ("/v1/completions", {"prompt": "w5", "n": 2}, 400, "n"),

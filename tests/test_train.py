@@ -287,8 +287,23 @@ def test_resume_gives_the_same_next_loss(target, greedy_data, tmp_path):
     resumed = Trainer(target, cfg, greedy_data, tmp_path / "run")
     assert resumed.step == 2
     assert resumed.train_step()["loss"] == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
-    with pytest.raises(DSparkError, match="other settings"):
-        Trainer(target, tiny_config("max_steps=7"), greedy_data, tmp_path / "run")
+    with pytest.raises(DSparkError, match="other settings \\(lr\\)"):
+        Trainer(target, tiny_config("max_steps=6", "lr=0.5"), greedy_data, tmp_path / "run")
+    longer = Trainer(target, tiny_config("max_steps=9"), greedy_data, tmp_path / "run")  # "train longer" resumes
+    assert longer.step == 2 and longer.total_steps == 9
+    with pytest.raises(DSparkError, match="past the 1 steps"):
+        Trainer(target, tiny_config("max_steps=1"), greedy_data, tmp_path / "run")
+
+
+def test_a_rerun_after_a_kill_drops_the_log_lines_it_will_train_again(target, greedy_data, tmp_path):
+    run = tmp_path / "run"
+    Trainer(target, tiny_config("max_steps=2", "save_every=2"), greedy_data, run).run(progress=False)
+    log = run / "train_log.jsonl"
+    with open(log, "a") as handle:  # a killed run's steps 3 and 4, logged after its last checkpoint
+        handle.write(json.dumps({"step": 3, "loss": 1.0}) + "\n" + json.dumps({"step": 4, "loss": 1.0}) + "\n")
+    Trainer(target, tiny_config("max_steps=4", "save_every=2"), greedy_data, run).run(progress=False)
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_a_trained_checkpoint_is_a_lossless_drafter(target, greedy_data, tmp_path):

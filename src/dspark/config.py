@@ -10,9 +10,14 @@ from dataclasses import dataclass
 from dspark.errors import DSparkError
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request samples. temperature == 0 means greedy (argmax)."""
+    """How one request samples. temperature below GREEDY_BELOW (1e-5, as vLLM) means greedy
+    (argmax): dividing logits by a smaller one overflows and is the argmax in the limit anyway.
+    temperature must be finite (a uniform limit is not offered)."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0 = off
@@ -20,8 +25,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0):
-            raise DSparkError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (0.0 <= self.temperature < float("inf")):
+            raise DSparkError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise DSparkError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
@@ -31,7 +36,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)

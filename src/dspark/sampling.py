@@ -48,8 +48,10 @@ def _mask_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
     if top_p < 1.0:
         sorted_logits, order = torch.topk(logits, width, dim=-1)  # descending
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
-        # Keep a token if the mass strictly before it is below top_p.
+        # Keep a token if the mass strictly before it is below top_p; the most likely token always
+        # (a top_p that rounds to 0 in the logits' precision would otherwise drop every token).
         drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        drop_sorted[..., 0] = False
         keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, ~drop_sorted)
         logits = logits.masked_fill(~keep, float("-inf"))
     return logits

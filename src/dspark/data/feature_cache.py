@@ -76,6 +76,11 @@ def write_cache(target, sequences, layer_ids: tuple[int, ...], out_dir, dtype: s
     starts = range(len(manifest["shards"]) * shard_size, len(sequences), shard_size)
     cache = target.build_cache(1, max(s.input_ids.numel() for s in sequences), headroom=0)
     lm_head_w = target.model.lm_head.weight.detach().float()
+    # The log-normaliser's 49k-row product in bf16 where the hardware has bf16 units and the target
+    # runs in bf16 (as training's products then do), else fp32.
+    from dspark.models.llama import native_bf16_matmul
+
+    lse_dtype = torch.bfloat16 if target.model.dtype == torch.bfloat16 and native_bf16_matmul(lm_head_w.device) else torch.float32
     bar = tqdm(total=len(sequences), initial=len(manifest["shards"]) * shard_size, desc="cache", unit="seq",
                disable=not progress)
     with torch.inference_mode():
@@ -88,7 +93,7 @@ def write_cache(target, sequences, layer_ids: tuple[int, ...], out_dir, dtype: s
                                  hidden_layers=layer_ids, compute_logits=False)
                 feats.append(o.hidden_states[0].to(CACHE_DTYPES[dtype]))
                 finals.append(o.final_hidden[0].to(CACHE_DTYPES[dtype]))
-                lses.append(log_normalizer(finals[-1], lm_head_w))  # from what training will read
+                lses.append(log_normalizer(finals[-1], lm_head_w, matmul_dtype=lse_dtype))  # from what training reads
                 bar.update(1)
             lengths = torch.tensor([0] + [s.input_ids.numel() for s in chunk])
             tensors = {"input_ids": torch.cat([s.input_ids for s in chunk]).to(torch.int32),

@@ -175,12 +175,26 @@ def run_eval(target, drafters: dict, benchmarks: list[str], out_dir, cfg: EvalCo
             entry["auroc_mean"] = extra["calibration"]["auroc_mean"]
         results["domains"].setdefault(domain, {})[label] = entry
     results["traces"] = write_traces(pooled, out)
-    results["plots"] = write_plots(results, out) if plots else []
+    results["plots"] = []
+    _write_results(results, out)  # first: a missing plotting library must not lose the results
+    if plots:
+        try:
+            results["plots"] = write_plots(results, out)
+        except ImportError as err:
+            import warnings
+
+            warnings.warn(f"plots skipped: {err}", stacklevel=2)
+            print(f"dspark: plots skipped ({err}); results.json and report.md are written", flush=True)
+        else:
+            _write_results(results, out)
+    return results
+
+
+def _write_results(results: dict, out: Path) -> None:
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, out / "results.json")
     (out / "report.md").write_text(report_markdown(results))
-    return results
 
 
 def write_traces(pooled: dict, out: Path) -> list[str]:
@@ -250,5 +264,8 @@ def calibrate_drafter(target, drafter_dir: str | Path, prompt_files: list[str], 
     if plot:
         from dspark.eval.plots import plot_reliability
 
-        plot_reliability(before, after, Path(drafter_dir) / "calibration.png")
+        try:
+            plot_reliability(before, after, Path(drafter_dir) / "calibration.png")
+        except ImportError as err:  # calibration.json is written already
+            print(f"dspark: calibration plot skipped ({err})", flush=True)
     return calibration

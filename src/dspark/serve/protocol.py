@@ -91,8 +91,9 @@ def check_unsupported(body: CommonParams) -> None:
 
 
 def sampling_params(body: CommonParams) -> SamplingParams:
-    if not body.temperature >= 0.0:
-        raise invalid(f"temperature must be >= 0 (0 = greedy), got {body.temperature}", "temperature")
+    if not 0.0 <= body.temperature < float("inf"):
+        raise invalid(f"temperature must be finite and >= 0 (0 = greedy, below 1e-5 greedy too), got {body.temperature}",
+                      "temperature")
     if not 0.0 < body.top_p <= 1.0:
         raise invalid(f"top_p must be in (0, 1] (1 = off), got {body.top_p}", "top_p")
     if body.top_k < -1:

@@ -340,8 +340,18 @@ class Trainer:
 
     def _resume(self, ckpt: Path) -> None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        if state["train_config"] != _jsonable(self.cfg):
-            raise DSparkError(f"{self.out} holds a run with other settings; use a new --out (nothing was changed)")
+        saved, wanted = dict(state["train_config"]), _jsonable(self.cfg)
+        extendable = ("max_steps", "epochs", "save_every")  # train longer / save more often: the run stays meaningful
+        if {k: v for k, v in saved.items() if k not in extendable} != {k: v for k, v in wanted.items() if k not in extendable}:
+            changed = sorted(k for k in set(saved) | set(wanted) if k not in extendable and saved.get(k) != wanted.get(k))
+            raise DSparkError(f"{self.out} holds a run with other settings ({', '.join(changed)}); only "
+                              f"{', '.join(extendable)} may change on resume; use a new --out (nothing was changed)")
+        if self.total_steps < state["step"]:
+            raise DSparkError(f"{self.out} is at step {state['step']}, past the {self.total_steps} steps asked for; "
+                              "raise max_steps or epochs to continue it")
+        if state.get("total_steps", self.total_steps) != self.total_steps:
+            print(f"resuming {self.out} at step {state['step']} with {self.total_steps} steps in all "
+                  f"(was {state['total_steps']}): the learning-rate schedule is recomputed for the new length")
         if state.get("world_size", 1) != self.world:
             raise DSparkError(f"{self.out} was trained with {state.get('world_size', 1)} processes; resume it with "
                               f"the same number (got {self.world}) for an exact resume")
@@ -468,6 +478,8 @@ class Trainer:
         deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
         self.out.mkdir(parents=True, exist_ok=True)
         lead = self.rank == 0
+        if lead:  # a run killed after its last checkpoint logged steps that will be trained again
+            _drop_log_lines_after(self.out / "train_log.jsonl", self.step)
         log = open(self.out / "train_log.jsonl", "a", encoding="utf-8") if lead else open(os.devnull, "w")
         board = None
         if self.tensorboard_dir and lead:
@@ -518,6 +530,20 @@ def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _drop_log_lines_after(path: Path, step: int) -> None:
+    """Keep the log lines of steps up to `step` (as TensorBoard's purge_step does for event files)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            break  # a torn last line
+    _atomic_write(path, "".join(line + "\n" for line in kept))
 
 
 def _agreed(flag: bool, world: int) -> bool:
