@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=8, help="prompts per file")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--every", type=int, default=1, help="measure every Nth checkpoint (the last one always)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     target = load_model(args.target, "bf16")
@@ -49,7 +50,8 @@ def main() -> None:
     for file in args.prompts:
         records = read_prompts([file])[: args.limit]
         prompt_ids[Path(file).stem] = [encode_messages(target.tokenizer, list(r.messages)) for r in records]
-    for ckpt in checkpoints(Path(args.run)):
+    found = checkpoints(Path(args.run))
+    for ckpt in [c for i, c in enumerate(found) if (len(found) - 1 - i) % args.every == 0]:
         if ckpt.name in results["checkpoints"]:
             continue
         state = json.loads((ckpt / "trainer_state.json").read_text())

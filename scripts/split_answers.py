@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     seen, train, held = set(), [], []
     for folder in args.data:
-        for line in (Path(folder) / "answers.jsonl").read_text().splitlines():
+        for line in (Path(folder) / "answers.jsonl").read_text().split("\n"):  # not splitlines: answers hold U+2028
             if not line.strip():
                 continue
             record = json.loads(line)

@@ -129,3 +129,17 @@ def test_grouped_attention_equals_sdpa_with_masks():
     torch.testing.assert_close(grouped_attention(q, k, v, mask), expected, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(grouped_attention(q, k, v, None),
                                torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_a_long_fresh_prefill_takes_the_causal_path_and_matches_transformers(tiny_dirs, family):
+    """One row prefilling 40 tokens from position 0 uses SDPA's is_causal (Mistral's 6-token window
+    keeps its explicit mask); logits equal transformers' either way."""
+    native, _ = load_native_model(tiny_dirs[family], torch.float64)
+    ref = hf_model(tiny_dirs[family], dtype=torch.float64)
+    ids = torch.randint(2, native.args.vocab_size, (40,), generator=torch.Generator().manual_seed(3))
+    ctx = native.build_context(torch.arange(40)[None], torch.tensor([0]), new_cache(native))
+    assert ctx.causal == [family != "mistral"] * native.args.num_layers
+    with torch.no_grad():
+        expected = ref(ids[None]).logits
+    torch.testing.assert_close(forward(native, ids, new_cache(native)).logits.double(), expected, atol=1e-5, rtol=1e-5)
