@@ -68,7 +68,7 @@ def main() -> None:
         print(ckpt.name, json.dumps(row), flush=True)
     rows = sorted(results["checkpoints"].values(), key=lambda r: r["step"])
     names = list(prompt_ids)
-    lines = [f"Learning curve of `{args.run}`: tau (committed tokens per round, bonus included) on the first "
+    lines = [f"Learning curve of `runs/{Path(args.run).name}`: tau (committed tokens per round, bonus included) on the first "
              f"{args.limit} prompts of each file, {args.max_new_tokens} new tokens.", "",
              "| step | training tokens | " + " | ".join(f"{n} T=0 | {n} T=1" for n in names) + " |",
              "|---|---|" + "---|---|" * len(names)]

@@ -89,7 +89,7 @@ BAD_INPUTS = [
     (["--target", "{llama}", "--drafter", "draft-model", "--prompt", "x"], "needs --draft-model"),
     (["--target", "{llama}", "--prompts-file", "nowhere.txt"], "prompts file 'nowhere.txt' does not exist"),
     (["--target", "{llama}", "--prompt", "w5 " * 40, "--max-seq-len", "16"], "prompt 0 has 40 tokens"),
-    (["--target", "{llama}", "--prompt", "w5", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--target", "{llama}", "--prompt", "w5", "--temperature", "-1"], "temperature must be finite and >= 0"),
     (["--target", "{llama}", "--prompt", "w5", "--top-p", "2"], "top_p must be in (0, 1]"),
 ]
 

@@ -88,3 +88,25 @@ def test_distill_cli(capsys, tiny_dirs, files, tmp_path):
     with pytest.raises(SystemExit):
         main([*argv, "--time-budget", "soon"])
     assert "is not a duration" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_distill_rebuilds_a_smollm2_drafter_in_a_few_steps(smollm2_dir, tmp_path):
+    """The builtin target through every stage: 6 MATH-500 prompts answered, cached, 2 training steps
+    of the preset, calibration on the held-out prompt, evaluation on one GSM8K prompt."""
+    from tests.conftest import SHARED_DATA
+
+    train_file, eval_file = SHARED_DATA / "train" / "math500.jsonl", SHARED_DATA / "eval" / "gsm8k.jsonl"
+    if not train_file.is_file() or not eval_file.is_file():
+        pytest.skip(f"{SHARED_DATA} is absent (the shared prompt sets live beside the repository)")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(train_file.read_text().split("\n")[:6]) + "\n")
+    bench = tmp_path / "gsm8k.jsonl"
+    bench.write_text(eval_file.read_text().split("\n")[0] + "\n")
+    target = load_model(str(smollm2_dir), "bf16")
+    cfg = DistillConfig(overrides=("grad_accum=2",), holdout_every=3, max_new_tokens=32, max_steps=2,
+                        eval_benchmarks=(str(bench),), eval_limit=1, eval_max_new_tokens=16, calibrate_limit=1)
+    state = distill(target, [str(prompts)], tmp_path / "d", cfg, progress=False, log=lambda line: None)
+    assert list(state["done"]) == list(STAGES)
+    assert state["done"]["train"]["steps"] == 2 and state["done"]["split"]["held_out_prompts"] >= 1
+    assert "gsm8k" in state["done"]["evaluate"]["benchmarks"]

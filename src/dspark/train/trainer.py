@@ -73,19 +73,21 @@ def preset_tiny() -> TrainConfig:
 
 
 def preset_dspark_smollm2() -> TrainConfig:
-    """SmolLM2-135M on a CPU: 1 draft layer, block 7, Markov rank 64, a 16k-token draft vocabulary
-    (the drafter's LM head and losses cost a third of the 49k vocabulary's; see
-    benchmarks/bench_training.py and bench_drafters.py), bf16 products where the CPU has bf16 units,
-    conversations up to 1536 tokens (prompts up to 1024 plus their answers)."""
-    return TrainConfig(drafter={"num_draft_layers": 1, "block_size": 7, "markov_rank": 64, "draft_vocab_size": 16384},
+    """SmolLM2-135M on a CPU (the builtin drafter's setting): 2 draft layers, block 7, Markov rank 64
+    (its 49k x R input table dominates the weights), a 16k-token draft vocabulary (the drafter's LM
+    head and losses cost a third of the 49k vocabulary's; see benchmarks/bench_training.py and
+    bench_drafters.py), bf16 products where the CPU has bf16 units, conversations up to 1536 tokens
+    (prompts up to 1024 plus their answers)."""
+    return TrainConfig(drafter={"num_draft_layers": 2, "block_size": 7, "markov_rank": 64, "draft_vocab_size": 16384},
                        max_length=1536, num_anchors=64, lr=1e-3, grad_accum=8, save_every=50, autocast="auto")
 
 
 def preset_dflash_smollm2() -> TrainConfig:
-    """DFlash as DeepSpec trains it: the same backbone, no heads, CE only (position-weighted)."""
+    """DFlash as DeepSpec trains it: the same backbone and draft vocabulary, no heads, CE only
+    (position-weighted)."""
     base = preset_dspark_smollm2()
-    return replace(base, arch="dflash", drafter={"num_draft_layers": 1, "block_size": 7},
-                   loss=LossWeights(ce=1.0, l1=0.0, confidence=0.0))
+    drafter = {k: v for k, v in base.drafter.items() if k != "markov_rank"}
+    return replace(base, arch="dflash", drafter=drafter, loss=LossWeights(ce=1.0, l1=0.0, confidence=0.0))
 
 
 def preset_dspark_qwen3_4b() -> TrainConfig:
