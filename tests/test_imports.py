@@ -44,3 +44,16 @@ def test_drafters_stay_free_of_engine_training_and_distributed_code():
     for path in (PACKAGE / "drafters").rglob("*.py"):
         for name in dspark_imports(path):
             assert not name.startswith(FORBIDDEN_IN_DRAFTERS), f"{path.name} imports {name}"
+
+
+def test_generate_and_eval_import_neither_training_nor_serving():
+    """What `dspark generate` and `dspark eval` load (drafter registry, engine, policy resolution,
+    evaluation runner) pulls in no dspark.train or dspark.serve module."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import dspark.drafters.registry, dspark.engine.engine, dspark.engine.policy_spec, "
+            "dspark.models.target, dspark.text, dspark.eval.runner; "
+            "print(sorted(m for m in sys.modules if m.startswith(('dspark.train', 'dspark.serve'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

@@ -92,7 +92,7 @@ def run_generate(args) -> int:
     from dspark.drafters.registry import build_drafter, resolve_drafter_name
     from dspark.engine.engine import Engine, Request
     from dspark.models.target import load_model
-    from dspark.serve.server import resolve_policy
+    from dspark.engine.policy_spec import resolve_policy
     from dspark.text import StopStrings, decode_output, encode_prompt
 
     prompts = [args.prompt] if args.prompt is not None else read_prompts_file(args.prompts_file)

@@ -19,13 +19,13 @@ from pathlib import Path
 from dspark.config import EngineConfig
 from dspark.drafters.base import Drafter
 from dspark.engine.engine import Engine, Policy
+from dspark.engine.policy_spec import resolve_policy  # noqa: F401  (re-exported: the server's policy resolution)
 from dspark.errors import DSparkError
 from dspark.models.target import LoadedModel
 
 log = logging.getLogger(__name__)
 
 SERVE_EXTRA = ("fastapi", "uvicorn", "prometheus_client", "httpx")
-NEEDS_COST = ("scheduled", "async")
 
 
 def require_serve_extra() -> None:
@@ -33,37 +33,6 @@ def require_serve_extra() -> None:
     missing = [name for name in SERVE_EXTRA if importlib.util.find_spec(name) is None]
     if missing:
         raise DSparkError(f"serving needs {', '.join(missing)}: pip install 'dspark[serve]'")
-
-
-def resolve_policy(spec: str, target: LoadedModel, drafter: Drafter, config: EngineConfig,
-                   cost: str | Path | None = None, threshold: float | None = None) -> Policy:
-    """The verification policy `spec` (none | fixed[:K] | threshold[:C] | scheduled | async).
-    scheduled and async need a cost table: loaded from `cost`, else profiled now (once, at start-up)
-    over verify batches up to what this engine can send."""
-    from dspark.engine.scheduler import DEFAULT_THRESHOLD, POLICY_NAMES, build_policy
-
-    name = spec.strip().partition(":")[0]
-    if name not in POLICY_NAMES:
-        raise DSparkError(f"unknown verification policy {spec!r}; valid: {', '.join(POLICY_NAMES)}")
-    table = None
-    if name in NEEDS_COST:
-        from dspark.engine.cost import CostTable
-
-        table = CostTable.load(cost) if cost is not None else _profile_cost(target, drafter, config)
-    return build_policy(spec, config.block_size, table, DEFAULT_THRESHOLD if threshold is None else threshold)
-
-
-def _profile_cost(target: LoadedModel, drafter: Drafter, config: EngineConfig):
-    from dspark.engine.profile import profile_target
-
-    most = config.max_batch_size * (config.block_size + 1)
-    points = sorted({min(2**i, most) for i in range(most.bit_length() + 1)})
-    context = max(0, min(256, target.max_position_embeddings - config.block_size - 2))
-    requests = sorted({min(2**i, config.max_batch_size) for i in range(config.max_batch_size.bit_length() + 1)})
-    log.warning("profiling the target's cost table for %s verify tokens and %s requests (pass a cost table to skip)",
-                points, requests)
-    return profile_target(target, points, context=context, block_size=config.block_size,
-                          feature_layers=drafter.feature_layers, rows=requests)
 
 
 def default_model_name(spec: str) -> str:
