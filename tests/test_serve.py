@@ -238,6 +238,20 @@ def test_sampling_edge_values_complete_and_keep_other_requests_alive(target, ext
         assert client.post("/v1/completions", json={"prompt": "w7", "max_tokens": 2, "temperature": 0}).status_code == 200
 
 
+@pytest.mark.parametrize("path, raw", [
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "w5 \\ud800 w6"}], "max_tokens": 2}'),
+    ("/v1/completions", '{"prompt": "w5 \\udfff", "max_tokens": 2}'),
+])
+def test_a_lone_surrogate_gets_a_400_that_says_what_is_wrong(target, path, raw):
+    app, async_engine = make_app(target)
+    with TestClient(app) as client:
+        reply = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+        assert reply.status_code == 400, reply.text
+        message = reply.json()["error"]["message"]
+        assert "unpaired surrogate" in message and "TypeError" not in message and "argument" not in message
+        assert engine_is_empty(async_engine)
+
+
 @pytest.mark.parametrize("raw", ['{"prompt": "w5", "temperature": Infinity}', '{"prompt": "w5", "temperature": 1e400}',
                                  '{"prompt": "w5", "temperature": NaN}'])
 def test_non_finite_temperature_is_refused(target, raw):

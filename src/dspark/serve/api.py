@@ -61,6 +61,7 @@ class _Server:
                 raise p.invalid(f"send one prompt per request (got {len(prompt)})", "prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
+            p.check_encodable(prompt, "prompt", "prompt")
             return list(self.tokenizer.encode(prompt, add_special_tokens=True))
         return list(prompt)
 

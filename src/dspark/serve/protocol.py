@@ -133,8 +133,18 @@ def message_dicts(body: ChatRequest) -> list[dict]:
                     raise invalid(f"messages[{i}] has a {part.type!r} part; only text parts are supported", "messages")
                 texts.append(part.text)
             content = "\n".join(texts)
+        check_encodable(content or "", f"messages[{i}].content", "messages")
         out.append({"role": message.role, "content": content or ""})
     return out
+
+
+def check_encodable(text: str, where: str, param: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate such as "\\ud800"), naming where."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise invalid(f"{where} holds an unpaired surrogate (U+{ord(text[err.start]):04X} at character "
+                      f"{err.start}), which is not valid Unicode text", param) from None
 
 
 def new_id(prefix: str) -> str:
