@@ -210,8 +210,9 @@ def run_drafter_info(args) -> int:
     from dspark.drafters.checkpoint import read_drafter_config
     from dspark.drafters.registry import builtin_drafters
 
-    if args.path in builtin_drafters():
-        args.path = str(builtin_drafters()[args.path])
+    builtin = builtin_drafters()
+    if args.path in builtin:
+        args.path = str(builtin[args.path])
     raw = read_drafter_config(args.path)
     counts: dict[str, int] = {}
     with safe_open(str(Path(args.path) / "model.safetensors"), framework="pt") as handle:

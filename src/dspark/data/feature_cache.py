@@ -75,12 +75,13 @@ def write_cache(target, sequences, layer_ids: tuple[int, ...], out_dir, dtype: s
         manifest["shards"] = [s for s in old["shards"] if (out / s["file"]).is_file()]
     starts = range(len(manifest["shards"]) * shard_size, len(sequences), shard_size)
     cache = target.build_cache(1, max(s.input_ids.numel() for s in sequences), headroom=0)
-    lm_head_w = target.model.lm_head.weight.detach().float()
     # The log-normaliser's 49k-row product in bf16 where the hardware has bf16 units and the target
-    # runs in bf16 (as training's products then do), else fp32.
+    # runs in bf16 (as training's products then do), else fp32; the head converted once.
     from dspark.models.llama import native_bf16_matmul
 
-    lse_dtype = torch.bfloat16 if target.model.dtype == torch.bfloat16 and native_bf16_matmul(lm_head_w.device) else torch.float32
+    head = target.model.lm_head.weight.detach()
+    lse_dtype = torch.bfloat16 if head.dtype == torch.bfloat16 and native_bf16_matmul(head.device) else torch.float32
+    lm_head_w = head.to(lse_dtype)
     bar = tqdm(total=len(sequences), initial=len(manifest["shards"]) * shard_size, desc="cache", unit="seq",
                disable=not progress)
     with torch.inference_mode():

@@ -30,7 +30,7 @@ from dspark.train.anchors import Blocks, sample_blocks
 from dspark.train.losses import (
     LossOutput, LossWeights, dspark_loss, eagle3_loss, expected_accept_length, log_normalizer, position_weights,
 )
-from dspark.train.vocab import coverage, select_draft_vocab, token_counts
+from dspark.train.vocab import select_draft_vocab, token_counts
 
 
 @dataclass(frozen=True)
@@ -322,15 +322,17 @@ class Trainer:
         counts = token_counts(pairs, vocab)
         ids = select_draft_vocab(counts, size, self.target.eos_token_ids, tie_counts=token_counts(pairs, vocab, False))
         self.model.draft_vocab.copy_(ids)
-        self.draft_vocab_coverage = coverage(counts, ids)
 
     def _setup_draft_vocab(self) -> None:
-        """Loss-side views of the draft vocabulary: its LM-head rows and the token -> index map."""
-        self.head_w, self.label_index = self.lm_head_w, None
+        """Loss-side views, made once in the precision of the loss products: the head the drafter
+        predicts over (its draft vocabulary's LM-head rows), the token -> index map and the full head
+        for the target's log-normaliser."""
+        self.head_w, self.label_index, self.lse_head_w = self.lm_head_w.to(self.matmul_dtype), None, None
         vocab_ids = getattr(self.model, "draft_vocab", None)
         if vocab_ids is None:
             return
-        self.head_w = self.lm_head_w.index_select(0, vocab_ids)
+        self.lse_head_w = self.head_w
+        self.head_w = self.lse_head_w.index_select(0, vocab_ids)
         self.label_index = torch.full((self.lm_head_w.shape[0],), -1, dtype=torch.long)
         self.label_index[vocab_ids] = torch.arange(vocab_ids.numel())
 
@@ -384,7 +386,7 @@ class Trainer:
         if self.label_index is None:
             lse = None
         elif lse is None:
-            lse = log_normalizer(final_hidden, self.lm_head_w, matmul_dtype=self.matmul_dtype)
+            lse = log_normalizer(final_hidden, self.lse_head_w, matmul_dtype=self.matmul_dtype)
         return input_ids, loss_mask, features, final_hidden, lse
 
     def _sequence_loss(self, input_ids, loss_mask, features, final_hidden, target_lse=None):
