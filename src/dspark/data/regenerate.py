@@ -43,7 +43,7 @@ class RegenerateConfig:
     top_p: float = 0.8
     top_k: int = 20
     max_new_tokens: int = 512
-    batch_size: int = 16  # plain decoding: 306 tok/s at 16 against 261 at 64 (64 math prompts, 128 tokens)
+    batch_size: int = 16  # plain decoding: faster than 64 in a one-off measurement (docs/training.md)
     seed: int = 0
     # Plain decoding by default: at batch 8 with T = 0.7 it measured 174 tok/s against 129 for n-gram
     # speculation here (verifying 9 tokens a row stops being nearly free once rows are batched).
