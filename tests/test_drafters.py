@@ -312,17 +312,97 @@ def test_deepspec_checkpoint_imports_with_identical_proposals(qwen3_target, tmp_
         assert (pa.confidences is None) == (pb.confidences is None)
 
 
-def test_deepspec_checkpoint_for_another_target_or_embedding_layer_is_refused(qwen3_target, tiny_dirs, tmp_path):
+def test_deepspec_checkpoint_for_another_target_is_refused(qwen3_target, tiny_dirs, tmp_path):
+    """(An embedding-layer tap, -1, used to be refused here; it is supported now: see
+    test_embedding_output_as_a_feature_layer_proposes_as_the_training_path.)"""
     drafter = make("dspark-vanilla", qwen3_target, seed=11)
     write_deepspec_folder(drafter.model, qwen3_target, tmp_path / "other", embed_scale=2.0)
     with pytest.raises(DSparkError, match="embed_tokens.weight differs"):
         load_drafter(tmp_path / "other", qwen3_target)
-    write_deepspec_folder(drafter.model, qwen3_target, tmp_path / "emb", layer_ids=[-1, 1])
-    with pytest.raises(DSparkError, match="-1"):
-        load_drafter(tmp_path / "emb", qwen3_target)
     write_deepspec_folder(drafter.model, qwen3_target, tmp_path / "ok")
     with pytest.raises(DSparkError, match="model_type 'qwen3'.*'llama'"):
         load_drafter(tmp_path / "ok", load_model(str(tiny_dirs["llama"]), "fp64"))
+
+
+def round_to_bf16(model) -> None:
+    """Weights that a bf16 checkpoint holds exactly, so a saved-and-imported copy is bit-identical."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.copy_(tensor.to(torch.bfloat16))
+
+
+def write_deepspec_eagle3_folder(model, target, folder, embed_scale: float = 1.0, draft_layers: int = 1):
+    """A tiny checkpoint as DeepSpec's Eagle3 trainer writes it: the target's config with the fields of
+    eagle3/qwen3/config.py's build_draft_config, and save_pretrained's bf16 weights (Eagle3Model's
+    names, which are DeepSpec's, plus copies of the target's embedding and LM head)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    raw = json.loads((target.model_dir / "config.json").read_text())
+    c = model.config
+    raw.update(architectures=["Qwen3Eagle3Model"], num_target_layers=raw["num_hidden_layers"],
+               num_hidden_layers=draft_layers, layer_types=["full_attention"] * draft_layers,
+               target_model_name_or_path="Qwen/Qwen3-4B", target_layer_ids=list(c.target_layer_ids),
+               ttt_length=c.block_size, step_loss_decay=0.8, draft_num_hidden_layers=draft_layers,
+               tie_word_embeddings=False, dtype="bfloat16")
+    (folder / "config.json").write_text(json.dumps(raw))
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    state["embed_tokens.weight"] = (target.model.model.embed_tokens.weight * embed_scale).to(torch.bfloat16)
+    state["lm_head.weight"] = target.model.lm_head.weight.to(torch.bfloat16)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_deepspec_eagle3_folder_imports_with_identical_proposals(qwen3_target, tmp_path):
+    target = qwen3_target
+    drafter = make("eagle3", target, seed=12, block_size=5)
+    round_to_bf16(drafter.model)
+    write_deepspec_eagle3_folder(drafter.model, target, tmp_path / "ds")
+    imported = load_drafter(tmp_path / "ds", target)
+    assert isinstance(imported, Eagle3Drafter)
+    assert (imported.config.block_size, imported.config.target_layer_ids) == (5, drafter.config.target_layer_ids)
+    for d in (drafter, imported):
+        _start(d, target, PROMPTS)
+    for pa, pb in zip(drafter.propose(_requests(target, enumerate(PROMPTS), 5)),
+                      imported.propose(_requests(target, enumerate(PROMPTS), 5))):
+        assert torch.equal(pa.tokens, pb.tokens) and torch.equal(pa.draft_probs, pb.draft_probs)
+    write_deepspec_eagle3_folder(drafter.model, target, tmp_path / "other", embed_scale=2.0)
+    with pytest.raises(DSparkError, match="embed_tokens.weight differs"):
+        load_drafter(tmp_path / "other", target)
+    write_deepspec_eagle3_folder(drafter.model, target, tmp_path / "deep", draft_layers=2)
+    with pytest.raises(DSparkError, match="2 draft layers"):
+        load_drafter(tmp_path / "deep", target)
+
+
+def test_embedding_output_as_a_feature_layer_proposes_as_the_training_path(qwen3_target, tmp_path):
+    """target_layer_ids (-1, 1): the target hands its embedding output as layer -1's feature; the
+    inference path (cached context + one block) gives the training path's greedy block (features from
+    the trainer's online extraction); the drafter is lossless; a DeepSpec folder with -1 imports."""
+    from dspark.train.trainer import target_features
+
+    target = qwen3_target
+    drafter = make("dspark-gated", target, seed=13, target_layer_ids=(-1, 1))
+    prompt = PROMPTS[1]
+    _start(drafter, target, [prompt])
+    (prop,) = drafter.propose(_requests(target, [(0, prompt)], 7, SamplingParams(temperature=0.0)))
+    ids = torch.tensor(prompt)
+    feats, _ = target_features(target, (-1, 1), ids, target.build_cache(1, 64, 0))
+    hidden_size = target.model.args.hidden_size
+    assert torch.equal(feats[:, :hidden_size], target.model.model.embed_tokens(ids))
+    hidden = drafter.model.forward_blocks(feats[None], ids[-1:][None], torch.tensor([[len(prompt) - 1]]))
+    prev = torch.cat([ids[-1:], prop.tokens[:-1]])[None, None]
+    logits = drafter.model.head_logits(drafter.model.logits(hidden), prev, hidden)
+    assert torch.equal(logits[0, 0].argmax(-1), prop.tokens)
+    engine = Engine(target, drafter, EngineConfig(block_size=4, max_batch_size=3, max_seq_len=64))
+    outs = engine.generate([Request(p, stop=StopParams(max_new_tokens=10)) for p in PROMPTS])
+    assert [o.token_ids for o in outs] == [expected_greedy(target, p, 10) for p in PROMPTS]
+    write_deepspec_folder(drafter.model, target, tmp_path / "ds")
+    imported = load_drafter(tmp_path / "ds", target)
+    assert imported.config.target_layer_ids == (-1, 1)
+    _start(imported, target, [prompt])
+    (again,) = imported.propose(_requests(target, [(0, prompt)], 7, SamplingParams(temperature=0.0)))
+    assert torch.equal(again.tokens, prop.tokens)
 
 
 @pytest.mark.slow

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dspark.drafters.checkpoint import load_drafter_model, save_drafter
+from dspark.drafters.checkpoint import load_drafter, load_drafter_model, save_drafter
 from dspark.drafters.export import export_drafter
 from dspark.errors import DSparkError
 from dspark.models.target import load_model
 from tests.conftest import save_tiny_model
-from tests.test_drafters import make, write_deepspec_folder
+from tests.test_drafters import PROMPTS, _requests, _start, make, round_to_bf16, write_deepspec_folder
 
 HEAD_KINDS = ["dspark-vanilla", "dspark-gated", "dspark-rnn", "dflash"]
 PRECEDENCE_STEALING = ("speculators_model_type", "eagle_aux_hidden_state_layer_ids", "dspark_bonus_anchor",
@@ -348,12 +348,18 @@ def test_vocabulary_mismatch_is_refused(target, tmp_path):
         export_drafter(folder, other, out=tmp_path / "out")
 
 
-def test_eagle3_and_unknown_formats_are_refused(target, tmp_path):
+def test_eagle3_in_the_speculators_format_and_unknown_formats_are_refused(target, tmp_path):
+    """(Eagle3 used to be refused outright; it now exports to DeepSpec's Eagle3 layout, below.)"""
     folder = save_drafter(make("eagle3", target).model, tmp_path / "e3")
-    with pytest.raises(DSparkError, match="'eagle3'.*exportable: dspark, dflash"):
-        export_drafter(folder, target, out=tmp_path / "out")
+    with pytest.raises(DSparkError, match="Eagle3.*Qwen3Eagle3Model layout only.*q/k norms"):
+        export_drafter(folder, target, "speculators", out=tmp_path / "out")
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"tokens": [1, 8], "sps": [90.0, 85.0]}))
+    with pytest.raises(DSparkError, match="cost profile"):
+        export_drafter(folder, target, out=tmp_path / "out", cost_profile=profile)
     with pytest.raises(DSparkError, match="format 'gguf'.*deepspec, speculators"):
         export_drafter(folder, target, "gguf", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_non_vanilla_heads_warn_that_vllm_builds_only_the_vanilla_head(target, tmp_path):
@@ -465,3 +471,92 @@ def test_a_draft_vocabulary_drafter_is_refused_and_nothing_is_written(target, tm
     with pytest.raises(DSparkError, match="reduced vocabulary.*draft_vocab_size=0"):
         export(folder, target, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ what DeepSpec needs to load it
+# Read in DeepSpec's source (deepspec-ai/DeepSpec): eval.py picks the evaluator from
+# architectures[0] and AutoConfig the config class from model_type; transformers' Qwen3Config fills
+# any other missing field with a default (which would build other shapes), so every field the
+# modules read must be there: the decoder geometry (modeling/{dspark,eagle3}/qwen3/modeling.py,
+# Qwen3MLP, Qwen3RotaryEmbedding through rope_parameters in transformers 5.x).
+DEEPSPEC_READS = ["architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "hidden_act",
+                  "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "attention_bias",
+                  "attention_dropout", "rms_norm_eps", "max_position_embeddings", "rope_parameters"]
+# Qwen3DSparkModel.__init__: `required_fields` asserted present (the export used to lack num_anchors:
+# "AssertionError: config.num_anchors must be provided."), markov_head_type when markov_rank > 0,
+# confidence_head_with_markov when enable_confidence_head; int(config.block_size) and
+# config.layer_types[i] are read without a default.
+DEEPSPEC_DSPARK_REQUIRES = ["target_layer_ids", "mask_token_id", "num_anchors", "enable_confidence_head",
+                            "markov_rank", "block_size", "layer_types"]
+# Qwen3Eagle3Model.__init__ asserts target_layer_ids, ttt_length, step_loss_decay; the Eagle3
+# evaluator asserts draft_num_hidden_layers == 1.
+DEEPSPEC_EAGLE3_REQUIRES = ["target_layer_ids", "ttt_length", "step_loss_decay", "draft_num_hidden_layers"]
+
+
+def saved_eagle3(root: Path, target, seed: int = 0, block_size: int = 3):
+    model = make("eagle3", target, seed=seed, block_size=block_size).model
+    round_to_bf16(model)
+    return save_drafter(model, root / "src-eagle3"), model
+
+
+@pytest.mark.parametrize("kind", ["dspark-vanilla", "dflash", "eagle3"])
+def test_export_config_carries_every_field_deepspec_requires(target, tmp_path, kind):
+    folder = saved_eagle3(tmp_path, target)[0] if kind == "eagle3" else saved_drafter(tmp_path, target, kind)[0]
+    cfg, _ = read_export(export(folder, target, tmp_path / "out"))
+    required = DEEPSPEC_READS + (DEEPSPEC_EAGLE3_REQUIRES if kind == "eagle3" else DEEPSPEC_DSPARK_REQUIRES)
+    if cfg.get("markov_rank", 0) > 0:
+        required.append("markov_head_type")
+    if cfg.get("enable_confidence_head"):
+        required.append("confidence_head_with_markov")
+    assert [name for name in required if cfg.get(name) is None] == []
+    if kind == "eagle3":
+        assert cfg["architectures"] == ["Qwen3Eagle3Model"] and cfg["ttt_length"] == 3
+        assert cfg["num_hidden_layers"] == cfg["draft_num_hidden_layers"] == 1
+        assert cfg["step_loss_decay"] == 0.8  # DeepSpec's default: no training state beside the folder
+    else:
+        assert cfg["num_anchors"] == 512  # DeepSpec's default: no training state beside the folder
+
+
+def test_export_writes_the_training_settings_deepspec_records(target, tmp_path):
+    """num_anchors / step_loss_decay: the trainer's (trainer_state.json beside a checkpoint), or an
+    imported DeepSpec folder's own."""
+    folder, _ = saved_drafter(tmp_path, target, "dspark-vanilla")
+    state = {"step": 1, "train_config": {"num_anchors": 64, "loss": {"ttt_decay": 0.5}}}
+    (folder / "trainer_state.json").write_text(json.dumps(state))
+    cfg, _ = read_export(export(folder, target, tmp_path / "a"))
+    assert cfg["num_anchors"] == 64
+    imported = tmp_path / "ds"
+    write_deepspec_folder(make("dspark-vanilla", target, seed=2).model, target, imported)
+    raw = json.loads((imported / "config.json").read_text())
+    (imported / "config.json").write_text(json.dumps({**raw, "num_anchors": 256}))
+    assert read_export(export(imported, target, tmp_path / "b"))[0]["num_anchors"] == 256
+    e3, _ = saved_eagle3(tmp_path, target)
+    (e3 / "trainer_state.json").write_text(json.dumps(state))
+    assert read_export(export(e3, target, tmp_path / "c"))[0]["step_loss_decay"] == 0.5
+
+
+def test_eagle3_export_has_deepspecs_weights_and_imports_back_with_identical_proposals(target, tmp_path):
+    """DeepSpec's Qwen3Eagle3Model names and shapes (modeling/eagle3/qwen3/modeling.py): one layer
+    whose q/k/v read [embedding ; hidden] (2H), its hidden_norm inside the layer, bf16."""
+    folder, model = saved_eagle3(tmp_path, target, seed=5, block_size=4)
+    out = export(folder, target, tmp_path / "out")
+    cfg, state = read_export(out)
+    h, v, inter, d = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q_rows, kv_rows = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
+    layer = {"hidden_norm.weight": (h,), "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+             "self_attn.q_proj.weight": (q_rows, 2 * h), "self_attn.k_proj.weight": (kv_rows, 2 * h),
+             "self_attn.v_proj.weight": (kv_rows, 2 * h), "self_attn.o_proj.weight": (h, q_rows),
+             "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,), "mlp.gate_proj.weight": (inter, h),
+             "mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter)}
+    expected = {"embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "norm.weight": (h,),
+                "fc.weight": (h, h * len(cfg["target_layer_ids"])), **{f"layers.0.{k}": s for k, s in layer.items()}}
+    assert {k: tuple(t.shape) for k, t in state.items()} == expected
+    assert all(t.dtype == torch.bfloat16 for t in state.values())
+    readme = (out / "README.md").read_text()
+    assert "DeepSpec's eval.py" in readme and "target layer 1 is the target's last" in readme  # tiny target: ids (0, 1)
+    source, loaded = load_drafter(folder, target), load_drafter(out, target)
+    for d in (source, loaded):
+        _start(d, target, PROMPTS)
+    for pa, pb in zip(source.propose(_requests(target, enumerate(PROMPTS), 4)),
+                      loaded.propose(_requests(target, enumerate(PROMPTS), 4))):
+        assert torch.equal(pa.tokens, pb.tokens) and torch.equal(pa.draft_probs, pb.draft_probs)

@@ -445,8 +445,9 @@ def test_eagle3_training_time_test_loss_falls_and_checkpoints_are_lossless(targe
     cfg = apply_overrides(get_preset("tiny-eagle3"), ["lr=0.01", "max_steps=20", "save_every=20", "grad_accum=2"])
     trainer = Trainer(target, cfg, greedy_data, tmp_path / "run")
     metrics = [trainer.train_step() for _ in range(20)]
-    # The soft cross-entropy holds the target's own entropy (~10.4 here), so watch what is above it:
-    # the loss falls and the analytic acceptance (tau estimate) rises.
+    # The soft cross-entropy holds the target's own entropy (times the supervised share of positions,
+    # as each step is divided by all S positions), so watch what is above it: the loss falls (9.8 ->
+    # 8.9 here) and the analytic acceptance (tau estimate) rises.
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.5, [round(m["loss"], 3) for m in metrics]
     assert metrics[-1]["tau_estimate"] > metrics[0]["tau_estimate"] + 0.2, [round(m["tau_estimate"], 3) for m in metrics]
     drafter = load_drafter(trainer.save(), target)
@@ -457,23 +458,142 @@ def test_eagle3_training_time_test_loss_falls_and_checkpoints_are_lossless(targe
         assert out.token_ids == reference_greedy(target.model, p, 12)
 
 
-def test_eagle3_loss_counts_only_assistant_predictions():
-    from dspark.train.losses import eagle3_loss
+def test_eagle3_loss_counts_deepspecs_rows_against_the_targets_next_distribution():
+    """DeepSpec's compute_eagle3_loss, derived by hand: its position mask is loss_mask with the last
+    token zeroed, shifted left once per step; row t at step k reads token t+1+k, its soft target is
+    softmax(target logits at t+1+k) (the distribution of token t+2+k); each step's sum is divided by
+    S. (This replaces a test of the earlier rule, which counted rows by loss_mask[t+2+k] and took a
+    mean over them.)"""
+    from dspark.train.losses import eagle3_loss, eagle3_rows
 
+    mask = torch.tensor([0, 0, 1, 1, 1, 0, 1, 1])  # S = 8: position mask [0, 0, 1, 1, 1, 0, 1, 0]
+    rows = {0: [2, 3, 4, 6], 1: [1, 2, 3, 5], 2: [0, 1, 2, 4]}  # pm_k[t] = pm_0[t + k]
+    predicted = {0: [4, 5, 6, 8], 1: [4, 5, 6, 8], 2: [4, 5, 6, 8]}  # token t+2+k; 8 = past the sequence
+    assert [r.tolist() for r in eagle3_rows(mask, 3)] == [rows[k] for k in range(3)]
+    assert {k: [t + 2 + k for t in rows[k]] for k in rows} == predicted
     gen = torch.Generator().manual_seed(0)
     lm = torch.randn(7, 4, generator=gen)
-    final = torch.randn(6, 4, generator=gen)
-    steps = [torch.randn(6, 4, generator=gen, requires_grad=True) for _ in range(2)]
-    mask = torch.tensor([0, 0, 0, 1, 1, 0])
+    final = torch.randn(8, 4, generator=gen)
+    steps = [torch.randn(8, 4, generator=gen, requires_grad=True) for _ in range(3)]
     loss, accepts = eagle3_loss(steps, final, mask, lm, LossWeights(ttt_decay=0.5))
-    # step 0: rows t with mask[t+2]: t = 1, 2; step 1: rows t with mask[t+3]: t = 0, 1
     expected = 0.0
-    for k, rows in ((0, [1, 2]), (1, [0, 1])):
-        logq = torch.log_softmax(steps[k][rows] @ lm.T, -1)
-        p = torch.softmax(final[[r + 1 + k for r in rows]] @ lm.T, -1)
-        expected = expected + 0.5**k * -(p * logq).sum(-1).mean()
-    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
-    assert [a.numel() for a in accepts] == [2, 2]
+    for k, ts in rows.items():
+        for t in ts:
+            logq = torch.log_softmax(steps[k][t].detach() @ lm.T, -1)
+            p = torch.softmax(final[t + 1 + k] @ lm.T, -1)  # target logits at t+1+k: its next token
+            expected = expected + 0.5**k * float(-(p * logq).sum()) / 8  # divided by B*S = 8
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+    assert [a.numel() for a in accepts] == [4, 4, 4]
+    loss.backward()
+    assert steps[0].grad[[0, 1, 5, 7]].abs().sum() == 0 and steps[0].grad[[2, 3, 4, 6]].abs().sum() > 0
+
+
+def _one_sequence_loss(first: torch.Tensor, length: int, lw: LossWeights):
+    """dspark_loss of one sequence of `length` slots (weights exp(-k/4), the identity as LM head, a
+    uniform target): the first slot's draft logits are `first` (label 0), the others uniform (label 2)."""
+    hidden = torch.zeros(length, 3)
+    hidden[0] = first
+    labels = torch.tensor([0] + [2] * (length - 1))
+    weights = position_weights(length, 4.0)
+    return dspark_loss(hidden, None, None, torch.zeros(length, 3), labels, weights, torch.eye(3), None, lw)
+
+
+def test_two_sequences_of_different_lengths_weigh_every_supervised_slot_equally():
+    """DeepSpec's normalisation: the weighted sums of all sequences over their summed weights. The
+    result for one sequence alone is unchanged."""
+    from dspark.train.losses import normalised_loss
+    from dspark.train.trainer import process_loss
+
+    lw = LossWeights(ce=1.0, l1=1.0, confidence=0.0)
+    short = _one_sequence_loss(torch.tensor([math.log(2.0), 0.0, 0.0]), 1, lw)  # CE ln 2, L1 1/3, weight 1
+    long = _one_sequence_loss(torch.zeros(3), 4, lw)  # 4 uniform slots: CE ln 3, L1 0
+    w_long = sum(math.exp(-k / 4) for k in range(4))
+    ce = (math.log(2.0) + math.log(3.0) * w_long) / (1 + w_long)
+    l1 = (1 / 3) / (1 + w_long)
+    loss, means = normalised_loss(short.sums + long.sums, short.weights + long.weights, lw)
+    assert means[0].item() == pytest.approx(ce) and means[1].item() == pytest.approx(l1)
+    assert loss.item() == pytest.approx(ce + l1)
+    per_sequence_mean = (short.loss.item() + long.loss.item()) / 2  # the earlier normalisation
+    assert per_sequence_mean != pytest.approx(loss.item(), abs=1e-3)  # 1.0625 against 1.0799
+    alone, _ = process_loss(long.sums, long.weights, lw, world=1)
+    assert torch.equal(alone, long.loss)
+
+
+_TWO_PROCESS_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from dspark.train.losses import LossWeights, dspark_loss
+from dspark.train.trainer import process_loss
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+proj = torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)))
+gen = torch.Generator().manual_seed(100 + rank)
+n = (2, 5)[rank]  # sequences of different lengths
+rows = dict(x=torch.randn(n, 4, generator=gen), target=torch.randn(n, 3, generator=gen),
+            labels=torch.randint(0, 3, (n,), generator=gen), weights=torch.rand(n, generator=gen) + 0.1,
+            conf=torch.randn(n, generator=gen))
+out = dspark_loss(rows["x"] @ proj, None, rows["conf"], rows["target"], rows["labels"], rows["weights"],
+                  torch.eye(3), None, LossWeights())
+loss, means = process_loss(out.sums, out.weights, LossWeights(), world)
+loss.backward()
+for t in (proj.grad, means):  # as the trainer does: averaged over processes
+    dist.all_reduce(t)
+    t /= world
+torch.save({**rows, "grad": proj.grad, "means": means, "proj": proj.detach()}, sys.argv[1] + f"/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_two_gloo_processes_weigh_every_supervised_slot_equally(tmp_path):
+    """Two processes, one sequence each (2 and 5 slots): the averaged gradient and logged term means
+    are those of one loss over all 7 slots (DeepSpec sums the weights over ranks)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "two.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    proj = ranks[0]["proj"].clone().requires_grad_(True)
+
+    def loss_of(parts):
+        cat = {k: torch.cat([p[k] for p in parts]) for k in ("x", "target", "labels", "weights", "conf")}
+        return dspark_loss(cat["x"] @ proj, None, cat["conf"], cat["target"], cat["labels"], cat["weights"],
+                           torch.eye(3), None, LossWeights())
+
+    together = loss_of(ranks)
+    (grad,) = torch.autograd.grad(together.loss, proj)
+    torch.testing.assert_close(ranks[0]["grad"], grad)
+    torch.testing.assert_close(ranks[0]["means"], torch.tensor([together.ce, together.l1, together.confidence]))
+    (mean_of_two,) = torch.autograd.grad((loss_of(ranks[:1]).loss + loss_of(ranks[1:]).loss) / 2, proj)
+    assert not torch.allclose(mean_of_two, grad, atol=1e-4)  # the earlier per-process mean differs
+
+
+def test_embedding_output_as_a_feature_layer_trains_from_online_and_cached_features(target, greedy_data, tmp_path):
+    """target_layer_ids with -1 (the embedding output, allowed by DeepSpec): the target returns its
+    embedding as that layer's feature, the cache stores the same, and training gives the same loss."""
+    from dspark.data.feature_cache import FeatureCache, write_cache
+    from dspark.train.trainer import load_sequences, target_features
+
+    layers = (-1, 1)
+    seqs = load_sequences(greedy_data, target.tokenizer, 64)
+    write_cache(target, seqs, layers, tmp_path / "cache", dtype="fp32", progress=False)
+    cache = FeatureCache(tmp_path / "cache", target, layers)
+    kv = target.build_cache(1, 64, headroom=0)
+    feats, _ = target_features(target, layers, seqs[0].input_ids, kv)
+    hidden = target.model.args.hidden_size
+    assert torch.equal(feats[:, :hidden], target.model.model.embed_tokens(seqs[0].input_ids))
+    assert torch.equal(cache[0].features, feats)
+    cfg = tiny_config("max_steps=2", "drafter.target_layer_ids=[-1, 1]")
+    online = Trainer(target, cfg, greedy_data, tmp_path / "online")
+    offline = Trainer(target, cfg, tmp_path / "cache", tmp_path / "offline")
+    assert online.model.config.target_layer_ids == layers
+    for _ in range(2):
+        assert offline.train_step()["loss"] == pytest.approx(online.train_step()["loss"], rel=1e-6)
 
 
 def test_bf16_autocast_trains_close_to_fp32(target, greedy_data, tmp_path):

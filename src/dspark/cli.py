@@ -305,8 +305,8 @@ def run_cache(args) -> int:
         ids = tuple(int(x) for x in args.layers.split(",")) if args.layers else default_target_layer_ids(layers)
     except ValueError:
         raise DSparkError(f"--layers expects comma-separated integers, got {args.layers!r}") from None
-    if not all(0 <= i < layers for i in ids):
-        raise DSparkError(f"--layers {list(ids)} must lie in [0, {layers - 1}]")
+    if not all(-1 <= i < layers for i in ids):
+        raise DSparkError(f"--layers {list(ids)} must lie in [0, {layers - 1}] or be -1 (the embedding output)")
     sequences = load_sequences(args.data, target.tokenizer, args.max_length)
     tokens = sum(s.input_ids.numel() for s in sequences)
     per_token = bytes_per_token(hidden, len(ids), args.cache_dtype)

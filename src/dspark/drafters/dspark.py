@@ -46,6 +46,17 @@ def check_confidence_temperatures(temps: tuple[float, ...], block_size: int) -> 
         raise DSparkError(f"confidence temperatures must be {block_size} values > 0, got {list(temps)}")
 
 
+def check_target_layer_ids(ids: tuple[int, ...], num_layers: int) -> None:
+    """Strictly increasing decoder-layer indices in [0, num_layers - 1], optionally led by -1, the
+    embedding output (DeepSpec's validate_target_layer_ids allows it; the target returns it)."""
+    ids = list(ids)
+    if not ids or ids != sorted(set(ids)) or ids[0] < -1 or ids[-1] >= num_layers:
+        raise DSparkError(
+            f"target_layer_ids {ids} must be strictly increasing decoder-layer indices in "
+            f"[0, {num_layers - 1}], or -1 (the embedding output)"
+        )
+
+
 @dataclass(frozen=True)
 class DSparkConfig:
     target: TargetSpec
@@ -68,12 +79,7 @@ class DSparkConfig:
     draft_vocab_size: int = 0
 
     def __post_init__(self) -> None:
-        ids = list(self.target_layer_ids)
-        if not ids or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= self.target.num_layers:
-            raise DSparkError(
-                f"target_layer_ids {ids} must be strictly increasing decoder-layer indices in "
-                f"[0, {self.target.num_layers - 1}]"
-            )
+        check_target_layer_ids(self.target_layer_ids, self.target.num_layers)
         if self.block_size < 1:
             raise DSparkError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_draft_layers < 1:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dspark.drafters.base import DraftRequest, Proposal, empty_proposal
-from dspark.drafters.dspark import TargetSharingModel, TargetSpec, config_fields_from_json
+from dspark.drafters.dspark import TargetSharingModel, TargetSpec, check_target_layer_ids, config_fields_from_json
 from dspark.errors import DSparkError
 from dspark.models.kv_cache import KVCache, build_kv_cache, write_rows
 from dspark.models.llama import MLP, ModelArgs, RMSNorm, apply_rope, grouped_attention
@@ -37,9 +37,7 @@ class Eagle3Config:
     arch: str = "eagle3"
 
     def __post_init__(self) -> None:
-        ids = list(self.target_layer_ids)
-        if not ids or ids != sorted(set(ids)) or ids[0] < 0 or ids[-1] >= self.target.num_layers:
-            raise DSparkError(f"target_layer_ids {ids} must be strictly increasing in [0, {self.target.num_layers - 1}]")
+        check_target_layer_ids(self.target_layer_ids, self.target.num_layers)
         if self.block_size < 1:
             raise DSparkError(f"block_size must be >= 1, got {self.block_size}")
 

@@ -1,4 +1,4 @@
-"""Export DSpark / DFlash drafters for serving engines.
+"""Export DSpark / DFlash / Eagle3 drafters for serving engines and DeepSpec.
 
 Two layouts:
 
@@ -8,7 +8,10 @@ Two layouts:
   ``model.safetensors`` holds DeepSpec's parameter names in bf16, including copies of the
   target's ``embed_tokens`` and ``lm_head`` (SGLang skips them and uses the target's, so they must
   equal the target's). Optional sidecars: SGLang's ``sts.json`` (per-position confidence
-  temperatures) and ``sps.json`` (a cost table).
+  temperatures) and ``sps.json`` (a cost table). Eagle3 drafters get DeepSpec's ``Qwen3Eagle3Model``
+  folder, which DeepSpec's evaluator loads; vLLM and SGLang serve Eagle3 through Llama draft layers
+  (no per-head q/k norms, ``fc`` sized for three target layers in the versions read), so neither is
+  documented to load it, and there is no speculators form of it.
 * ``speculators``: the speculators config schema, loadable by vLLM only; SGLang refuses configs
   with ``speculators_model_type == "dspark"``.
 
@@ -30,14 +33,31 @@ from pathlib import Path
 import torch
 
 from dspark.drafters.checkpoint import FORMAT, load_drafter_model
-from dspark.drafters.deepspec import DEEPSPEC_ARCHITECTURES, is_deepspec_config
-from dspark.drafters.dspark import DSparkConfig, DSparkModel
+from dspark.drafters.deepspec import (
+    DEEPSPEC_ARCHITECTURES, DEEPSPEC_EAGLE3_ARCHITECTURES, deepspec_arch, is_deepspec_config,
+)
+from dspark.drafters.dspark import DSparkConfig
 from dspark.errors import DSparkError
 from dspark.models.target import LoadedModel
 
 EXPORT_FORMATS = ("deepspec", "speculators")
-EXPORTABLE_ARCHS = ("dspark", "dflash")
+EXPORTABLE_ARCHS = ("dspark", "dflash", "eagle3")
 EXPORT_TARGET_FAMILIES = ("qwen3",)  # both engines implement DSpark drafters for Qwen3 only
+DEEPSPEC_NUM_ANCHORS = 512  # DeepSpec's configs: written when the training setting is unknown
+DEEPSPEC_STEP_LOSS_DECAY = 0.8
+# What DeepSpec needs in config.json to rebuild the drafter (transformers' Qwen3Config fills any
+# other field with a default, so a missing geometry field would silently build other shapes):
+# AutoConfig / eval.py dispatch, the attributes its modules read, the fields its model classes
+# assert (`required_fields` in qwen3/modeling.py, plus the conditional ones), and for Eagle3 the
+# evaluator's draft_num_hidden_layers. rope_parameters: RoPE in DeepSpec's transformers 5.x.
+DEEPSPEC_LAYER_FIELDS = (
+    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "hidden_act",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "attention_bias",
+    "attention_dropout", "rms_norm_eps", "max_position_embeddings", "rope_parameters",
+)
+DEEPSPEC_DSPARK_FIELDS = ("target_layer_ids", "mask_token_id", "num_anchors", "enable_confidence_head", "markov_rank",
+                          "block_size", "layer_types")
+DEEPSPEC_EAGLE3_FIELDS = ("target_layer_ids", "ttt_length", "step_loss_decay", "draft_num_hidden_layers")
 VLLM_HEAD_TYPES = ("vanilla",)  # vLLM builds markov_w1 / markov_w2 only
 SGLANG_HEAD_TYPES = ("vanilla", "gated", "rnn")
 SPECULATORS_VERSION = "0.3.0"
@@ -92,25 +112,30 @@ def read_drafter_folder_config(folder: Path) -> dict:
     if raw.get("format") != FORMAT and not is_deepspec_config(raw):
         raise DSparkError(
             f"{path} is neither a dspark drafter config (format {FORMAT!r}) nor a DeepSpec one "
-            f"(architectures {list(DEEPSPEC_ARCHITECTURES)})"
+            f"(architectures {list(DEEPSPEC_ARCHITECTURES + DEEPSPEC_EAGLE3_ARCHITECTURES)})"
         )
     return raw
 
 
-def precheck_drafter_config(raw: dict, target: LoadedModel, where: str) -> None:
-    """Refuse, before loading any weights: Eagle3, embedding-layer taps (-1), another vocabulary."""
+def precheck_drafter_config(raw: dict, target: LoadedModel, where: str, fmt: str = "deepspec") -> str:
+    """Refuse, before loading any weights: an unknown architecture, Eagle3 in the speculators format,
+    DSpark embedding-layer taps (-1), another vocabulary. Returns the drafter's architecture."""
     if is_deepspec_config(raw):
-        arch, ids, vocab = "dspark", raw.get("target_layer_ids", []), raw.get("vocab_size")
+        arch, ids, vocab = deepspec_arch(raw), raw.get("target_layer_ids", []), raw.get("vocab_size")
     else:
         arch, cfg = raw.get("arch"), raw.get("config", {})
         ids, vocab = cfg.get("target_layer_ids", []), cfg.get("target", {}).get("vocab_size")
     if arch not in EXPORTABLE_ARCHS:
+        raise DSparkError(f"drafter {where} is {arch!r}, which export does not support; "
+                          f"exportable: {', '.join(EXPORTABLE_ARCHS)}")
+    if arch == "eagle3" and fmt != "deepspec":
         raise DSparkError(
-            f"drafter {where} is {arch!r}, which export does not support (Eagle3 layouts differ between engines "
-            f"and DeepSpec's 5-layer Eagle3 may not fit them); exportable: {', '.join(EXPORTABLE_ARCHS)}"
+            f"drafter {where} is Eagle3, which exports to DeepSpec's Qwen3Eagle3Model layout only (format "
+            "'deepspec'): vLLM serves speculators Eagle3 folders through Llama draft layers, which lack the "
+            "q/k norms of a Qwen3 Eagle3 layer"
         )
     negative = [int(i) for i in ids if int(i) < 0]
-    if negative:
+    if negative and arch != "eagle3":  # DeepSpec's Eagle3 evaluator reads -1 as hidden_states[0]
         raise DSparkError(
             f"drafter {where} taps target layer {negative[0]} (the embedding output) in target_layer_ids "
             f"{list(ids)}; SGLang rejects negative ids, so export needs ids in [0, {target.model.args.num_layers - 1}]"
@@ -130,11 +155,20 @@ def precheck_drafter_config(raw: dict, target: LoadedModel, where: str) -> None:
             f"{target.vocab_size}); vLLM and SGLang load DSpark drafters over the full vocabulary only, so export "
             "needs a drafter trained with draft_vocab_size=0"
         )
+    return arch
 
 
-def engine_caveats(config: DSparkConfig) -> list[str]:
-    """What the engines' documented loaders will do differently with this drafter (not errors)."""
+def engine_caveats(config) -> list[str]:
+    """What the engines' (and DeepSpec's) loaders will do differently with this drafter (not errors)."""
     notes = []
+    last = config.target.num_layers - 1
+    if last in config.target_layer_ids:
+        notes.append(f"target layer {last} is the target's last: DeepSpec's evaluator refuses it (transformers "
+                     "returns that layer's output normed); vLLM and SGLang read the raw output, as dspark does")
+    if config.arch == "eagle3":
+        notes.append("Eagle3: loads in DeepSpec (Qwen3Eagle3Model) and back into dspark; vLLM and SGLang serve "
+                     "Eagle3 through Llama draft layers without its q/k norms, so neither is known to load it")
+        return notes
     if config.markov_rank > 0 and config.markov_head_type not in VLLM_HEAD_TYPES:
         notes.append(
             f"markov_head_type {config.markov_head_type!r}: vLLM builds only the vanilla Markov head "
@@ -157,50 +191,91 @@ def confidence_with_markov(config: DSparkConfig) -> bool:
     return bool(config.confidence_with_markov)
 
 
-def deepspec_config(config: DSparkConfig, target: LoadedModel) -> dict:
-    """config.json of the DeepSpec layout: the target's full text config plus the drafter fields
-    (DeepSpec's build_draft_config overwrites the same fields of a copy of the target config)."""
+def training_settings(folder: Path, raw: dict) -> dict:
+    """num_anchors and step_loss_decay (training-only fields DeepSpec's config carries): from an
+    imported DeepSpec config, else from the trainer_state.json beside a training checkpoint, else
+    DeepSpec's defaults."""
+    out = {"num_anchors": DEEPSPEC_NUM_ANCHORS, "step_loss_decay": DEEPSPEC_STEP_LOSS_DECAY}
+    state = folder / "trainer_state.json"
+    if is_deepspec_config(raw):
+        out.update({k: raw[k] for k in out if k in raw})
+    elif state.is_file():
+        train = read_json(state, "trainer state").get("train_config", {})
+        out["num_anchors"] = int(train.get("num_anchors", out["num_anchors"]))
+        out["step_loss_decay"] = float(train.get("loss", {}).get("ttt_decay", out["step_loss_decay"]))
+    return out
+
+
+def _target_base_config(target: LoadedModel, layers: int) -> dict:
+    """The target's full text config (DeepSpec's build_draft_config starts from a copy of it) with
+    the draft layer count, minus keys that would steer the engines' lookups."""
     hf = target.hf_config.get_text_config() if hasattr(target.hf_config, "get_text_config") else target.hf_config
     base = {k: v for k, v in hf.to_dict().items() if not k.startswith("_") and k not in PRECEDENCE_KEYS}
-    layers = config.num_draft_layers
+    base.update(model_type="qwen3", num_hidden_layers=layers, layer_types=["full_attention"] * layers,
+                tie_word_embeddings=False, dtype="bfloat16")
+    return base
+
+
+def deepspec_eagle3_config(config, target: LoadedModel, step_loss_decay: float) -> dict:
+    """config.json of DeepSpec's Eagle3 layout (qwen3/config.py build_draft_config's fields)."""
+    base = _target_base_config(target, 1)
+    base.update(architectures=[DEEPSPEC_EAGLE3_ARCHITECTURES[0]], num_target_layers=config.target.num_layers,
+                target_layer_ids=[int(i) for i in config.target_layer_ids], ttt_length=config.block_size,
+                step_loss_decay=step_loss_decay, draft_num_hidden_layers=1)
+    return base
+
+
+def deepspec_config(config: DSparkConfig, target: LoadedModel, num_anchors: int = DEEPSPEC_NUM_ANCHORS) -> dict:
+    """config.json of the DeepSpec layout: the target's full text config plus the drafter fields
+    (DeepSpec's build_draft_config overwrites the same fields of a copy of the target config)."""
+    base = _target_base_config(target, config.num_draft_layers)  # all full attention = non-causal blocks in vLLM
     base.update(
         architectures=list(DEEPSPEC_ARCHITECTURES),
-        model_type="qwen3",
-        num_hidden_layers=layers,
-        layer_types=["full_attention"] * layers,  # all full attention = non-causal blocks in vLLM
         num_target_layers=config.target.num_layers,
         block_size=config.block_size,
         mask_token_id=config.mask_token_id,
         target_layer_ids=[int(i) for i in config.target_layer_ids],  # 0-based layer outputs
+        num_anchors=int(num_anchors),  # a training setting; Qwen3DSparkModel asserts it is present
         markov_rank=config.markov_rank,
         markov_head_type=config.markov_head_type,
         enable_confidence_head=bool(config.confidence_head),
         confidence_head_with_markov=confidence_with_markov(config),
         sample_from_anchor=True,  # anchor-first blocks; explicit layout metadata
-        tie_word_embeddings=False,
-        dtype="bfloat16",
     )
     return base
 
 
+def missing_deepspec_fields(config: dict) -> list[str]:
+    """The fields DeepSpec needs that config lacks (see DEEPSPEC_LAYER_FIELDS)."""
+    if config["architectures"][0] in DEEPSPEC_EAGLE3_ARCHITECTURES:
+        wanted = DEEPSPEC_LAYER_FIELDS + DEEPSPEC_EAGLE3_FIELDS
+    else:
+        wanted = DEEPSPEC_LAYER_FIELDS + DEEPSPEC_DSPARK_FIELDS
+        wanted += ("markov_head_type",) * (config.get("markov_rank", 0) > 0)
+        wanted += ("confidence_head_with_markov",) * bool(config.get("enable_confidence_head"))
+    return [name for name in wanted if config.get(name) is None]
+
+
 def expected_deepspec_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of DeepSpec's model.safetensors, derived from its config.json alone."""
+    """{name: shape} of DeepSpec's model.safetensors, derived from its config.json alone. Eagle3's
+    single layer reads [embedding ; hidden] (2H wide) and keeps its hidden_norm inside the layer."""
     hidden, vocab, inter = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or hidden // heads
-    rank = config["markov_rank"]
+    eagle3 = config["architectures"][0] in DEEPSPEC_EAGLE3_ARCHITECTURES
+    rank = 0 if eagle3 else config["markov_rank"]
     shapes: dict[str, tuple[int, ...]] = {
         "embed_tokens.weight": (vocab, hidden),
         "lm_head.weight": (vocab, hidden),
         "fc.weight": (hidden, len(config["target_layer_ids"]) * hidden),  # [H, L*H]
-        "hidden_norm.weight": (hidden,),
         "norm.weight": (hidden,),
     }
+    shapes["layers.0.hidden_norm.weight" if eagle3 else "hidden_norm.weight"] = (hidden,)
     proj_out = {"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}
     for i in range(config["num_hidden_layers"]):
         p = f"layers.{i}."
         for name, rows in proj_out.items():
-            shapes[f"{p}self_attn.{name}_proj.weight"] = (rows, hidden)
+            shapes[f"{p}self_attn.{name}_proj.weight"] = (rows, 2 * hidden if eagle3 else hidden)
             if config.get("attention_bias"):
                 shapes[f"{p}self_attn.{name}_proj.bias"] = (rows,)
         shapes[f"{p}self_attn.o_proj.weight"] = (hidden, heads * head_dim)
@@ -220,14 +295,14 @@ def expected_deepspec_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         elif config["markov_head_type"] == "rnn":
             shapes["markov_head.joint_proj.weight"] = (3 * rank, 2 * rank + hidden)
             shapes["markov_head.joint_proj.bias"] = (3 * rank,)
-    if config["enable_confidence_head"]:
+    if not eagle3 and config["enable_confidence_head"]:
         width = hidden + (rank if config["confidence_head_with_markov"] and rank > 0 else 0)
         shapes["confidence_head.proj.weight"] = (1, width)
         shapes["confidence_head.proj.bias"] = (1,)
     return shapes
 
 
-def deepspec_state_dict(model: DSparkModel, target: LoadedModel) -> dict[str, torch.Tensor]:
+def deepspec_state_dict(model: torch.nn.Module, target: LoadedModel) -> dict[str, torch.Tensor]:
     """The drafter's weights plus the target's embedding and LM head, in bf16, no prefixes.
 
     Every tensor is a fresh contiguous copy: a tied target shares one matrix between its embedding
@@ -261,7 +336,7 @@ def speculators_config(deepspec: dict, target: LoadedModel) -> dict:
     aux_hidden_state_layer_ids are capture ids (target layer id + 1; 0 would be the embedding);
     speculative_tokens is block_size because the blocks are anchor-first."""
     drafter_keys = {"architectures", "num_target_layers", "block_size", "mask_token_id", "target_layer_ids",
-                    "markov_rank", "markov_head_type", "enable_confidence_head", "confidence_head_with_markov",
+                    "num_anchors", "markov_rank", "markov_head_type", "enable_confidence_head", "confidence_head_with_markov",
                     "sample_from_anchor", "dtype"}
     layer_config = {k: v for k, v in deepspec.items() if k not in drafter_keys}
     hf = target.hf_config
@@ -381,9 +456,15 @@ def sps_table(profile: dict) -> dict:
 
 def readme_text(fmt: str, config: dict, target: LoadedModel, caveats: list[str], sidecars: list[str]) -> str:
     """A short note for the folder: what it is, which engine loads it, with which flags."""
-    block = config["block_size"]
+    block = config.get("block_size", config.get("ttt_length"))
     lines = [f"# Drafter export ({fmt} format)", "", f"Target: {target.spec} (Qwen3). block_size: {block}.", ""]
-    if fmt == "deepspec":
+    if "ttt_length" in config:
+        lines += [
+            "DeepSpec's Qwen3Eagle3Model layout (config.json + model.safetensors, bf16): DeepSpec's eval.py loads",
+            "it with --draft_name_or_path <this folder>, and dspark imports it back. vLLM and SGLang are not",
+            "known to load it (their Eagle3 draft layers are Llama layers without its q/k norms).",
+        ]
+    elif fmt == "deepspec":
         vllm = json.dumps({"method": "dspark", "model": "<this folder>", "num_speculative_tokens": block})
         sglang_block = f"--speculative-dspark-block-size {block}"
         lines += [
@@ -455,11 +536,12 @@ def export_drafter(
     cost_profile: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Export a DSpark or DFlash drafter folder (dspark's own, or an imported DeepSpec one) for serving.
+    """Export a DSpark, DFlash or Eagle3 drafter folder (dspark's own, or an imported DeepSpec one).
 
     fmt "deepspec": the DeepSpec layout vLLM and SGLang both load, plus sts.json when the folder has a
     calibration (calibration.json, or temperatures in its config) and sps.json from `cost_profile`
-    (a hardware-specific cost table). fmt "speculators": vLLM only, not loadable by SGLang.
+    (a hardware-specific cost table). fmt "speculators": vLLM only, not loadable by SGLang. Eagle3:
+    DeepSpec's Qwen3Eagle3Model layout only (fmt "deepspec"), without sidecars.
     The drafter is checked against `target` (the one it was made for; Qwen3 only). Returns `out`.
     """
     if fmt not in EXPORT_FORMATS:
@@ -467,14 +549,28 @@ def export_drafter(
     folder, out = Path(drafter_dir), Path(out)
     check_out_folder(out, folder, overwrite)
     check_export_target(target)
-    precheck_drafter_config(read_drafter_folder_config(folder), target, str(folder))
+    raw = read_drafter_folder_config(folder)
+    arch = precheck_drafter_config(raw, target, str(folder), fmt)
+    if arch == "eagle3" and cost_profile is not None:
+        raise DSparkError("a cost profile becomes SGLang's DSpark sps.json, which an Eagle3 export has no use for")
     model = load_drafter_model(folder, target)
-    config = deepspec_config(model.config, target)
+    settings = training_settings(folder, raw)
+    if arch == "eagle3":
+        config = deepspec_eagle3_config(model.config, target, settings["step_loss_decay"])
+    else:
+        config = deepspec_config(model.config, target, settings["num_anchors"])
+    missing = missing_deepspec_fields(config)
+    if missing:  # the target's config lacks what DeepSpec's Qwen3 classes need
+        raise DSparkError(f"target {target.spec!r}'s config lacks {missing}, which DeepSpec's drafter config needs")
     state = deepspec_state_dict(model, target)
     check_state_matches_config(state, config)
     caveats: list[str] = []
     files: dict[str, str] = {}
-    if fmt == "speculators":
+    if arch == "eagle3":
+        caveats = engine_caveats(model.config)
+        for note in caveats:
+            warnings.warn(note, stacklevel=2)
+    elif fmt == "speculators":
         check_speculators_exportable(model.config, cost_profile)
         config = speculators_config(config, target)
     else:

@@ -422,7 +422,8 @@ class Transformer(nn.Module):
 
         Writes K/V of every row's tokens into its slot at their positions (the caller sets the
         committed length afterwards). `hidden_layers` are decoder-layer indices whose outputs are
-        returned (Hugging Face's hidden_states[i + 1]). With `last_only`, logits are computed at each
+        returned (Hugging Face's hidden_states[i + 1]); -1 is the embedding output (hidden_states[0]),
+        which DeepSpec allows as a feature layer. With `last_only`, logits are computed at each
         row's last real token only. Without `compute_logits`, the final normed hidden states are
         returned instead of logits (training recomputes target logits in chunks from them).
         """
@@ -430,7 +431,7 @@ class Transformer(nn.Module):
         # Ragged rows (num_new): every per-token layer runs on the real tokens only (packed).
         x = self.model.embed_tokens(ctx.pack_rows(input_ids))
         wanted = set(hidden_layers)
-        captured: dict[int, torch.Tensor] = {}
+        captured: dict[int, torch.Tensor] = {-1: x} if -1 in wanted else {}
         for i, layer in enumerate(self.model.layers):
             x = layer(x, ctx, cache)
             if i in wanted:

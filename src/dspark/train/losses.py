@@ -6,7 +6,9 @@ Per supervised slot (weight w_k = exp(-k / gamma), gamma = 4.0 as DeepSpec):
         the target distribution recomputed from its final hidden state through the frozen LM head;
   CONF  BCE-with-logits of the confidence against the detached analytic acceptance
         1 - L1/2 (clamped to [0, 1]).
-loss = 0.1 CE + 0.9 L1 + 1.0 CONF, each a w-weighted mean.
+loss = 0.1 CE + 0.9 L1 + 1.0 CONF, each a w-weighted mean. The w-weighted sums and the summed
+weights are returned too: the trainer divides the sums of every process by the weights summed over
+all processes (DeepSpec's normalisation: every supervised slot of a micro-step counts equally).
 
 Memory: by default the vocabulary-sized logits of every supervised slot are kept for the backward
 pass (on a CPU with GBs of memory this is the fast path). `recompute=True` keeps only one chunk of
@@ -43,11 +45,22 @@ class LossWeights:
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor  # scalar, differentiable
+    loss: torch.Tensor  # scalar, differentiable: the sums over this call's own weights
     ce: float
     l1: float
     confidence: float
     acceptance: torch.Tensor  # [M] detached analytic acceptance per supervised slot
+    sums: torch.Tensor  # [3] differentiable w-weighted sums of CE, L1 and BCE
+    weights: torch.Tensor  # [2] detached summed weights: of the CE rows (label in the vocabulary), of all rows
+
+
+def normalised_loss(sums: torch.Tensor, weights: torch.Tensor, lw: LossWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, [3] term means) from sums [3] (CE, L1, BCE) and weights [2] (CE rows, all rows).
+
+    DeepSpec's _build_loss: each term is its sum over its summed weight, so every supervised slot
+    counts equally whatever sequence it comes from; a term without weight contributes 0."""
+    means = sums / weights[[0, 1, 1]].clamp_min(1e-6)
+    return lw.ce * means[0] + lw.l1 * means[1] + lw.confidence * means[2], means
 
 
 def position_weights(block_size: int, gamma: float) -> torch.Tensor:
@@ -132,17 +145,16 @@ def dspark_loss(
         l1s.append(l1)
     ce, l1 = torch.cat(ces), torch.cat(l1s)
     acceptance = (1 - 0.5 * l1.detach()).clamp(0, 1)
-    denom = weights.sum().clamp_min(1e-6)
     ce_weights = weights * (labels >= 0)
-    ce_mean = (ce_weights * ce).sum() / ce_weights.sum().clamp_min(1e-6)
-    l1_mean = (weights * l1).sum() / denom
-    loss = lw.ce * ce_mean + lw.l1 * l1_mean
-    conf_mean = torch.zeros(())
+    conf_sum = torch.zeros(())
     if conf_logits is not None and lw.confidence > 0:
         bce = F.binary_cross_entropy_with_logits(conf_logits.float(), acceptance, reduction="none")
-        conf_mean = (weights * bce).sum() / denom
-        loss = loss + lw.confidence * conf_mean
-    return LossOutput(loss, float(ce_mean.detach()), float(l1_mean.detach()), float(conf_mean.detach()), acceptance)
+        conf_sum = (weights * bce).sum()
+    sums = torch.stack([(ce_weights * ce).sum(), (weights * l1).sum(), conf_sum])
+    totals = torch.stack([ce_weights.sum(), weights.sum()]).detach().float()
+    loss, means = normalised_loss(sums, totals, lw)
+    ce_mean, l1_mean, conf_mean = means.detach().tolist()
+    return LossOutput(loss, ce_mean, l1_mean, conf_mean, acceptance, sums, totals)
 
 
 def expected_accept_length(acceptance: torch.Tensor, label_mask: torch.Tensor) -> float:
@@ -168,24 +180,40 @@ def _soft_terms(hidden, target_hidden, lm_head_w):
     return -(target * log_draft).sum(-1), (log_draft.exp() - target).abs().sum(-1)
 
 
+def eagle3_rows(loss_mask: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Per training-time-test step k, the rows t that DeepSpec's compute_eagle3_loss counts.
+
+    Its position mask is loss_mask with the sequence's last token zeroed (that position has no
+    next-token target inside the sequence), shifted left once per step: row t counts at step k
+    when loss_mask[t + k] is set and t + k <= S - 2. Row t at step k reads the target features of
+    t and token t + 1 + k and predicts token t + 2 + k, whose soft target is the target's
+    distribution at position t + 1 + k (token S, past the sequence, for t + k = S - 2).
+    loss_mask [S] -> `steps` index tensors.
+    """
+    seq = loss_mask.numel()
+    out = []
+    for k in range(steps):
+        rows = torch.arange(max(seq - 1 - k, 0))
+        out.append(rows[loss_mask[rows + k].bool()])
+    return out
+
+
 def eagle3_loss(
     step_hidden: list[torch.Tensor], final_hidden: torch.Tensor, loss_mask: torch.Tensor, lm_head_w: torch.Tensor,
     lw: LossWeights, chunk_rows: int = 128,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Eagle3's training-time-test loss (DeepSpec eagle3/loss.py): step k's element t predicts token
-    t + 2 + k; its soft target is the target's distribution there (final hidden at t + 1 + k); rows
-    count where that token is an assistant token. Loss = sum_k decay^k * (masked mean soft CE).
+    """Eagle3's training-time-test loss, as DeepSpec's compute_eagle3_loss: the rows of
+    `eagle3_rows`, soft cross-entropy against the target's distribution at t + 1 + k, each step's
+    sum divided by the sequence length S (DeepSpec's "local_mean": B*S positions, masked ones
+    included, so every sequence weighs the same whatever its length), steps weighted decay^k.
 
     step_hidden: K tensors [S, H] (final-normed); final_hidden [S, H]; loss_mask [S].
     Returns the loss and, per step, the analytic acceptance 1 - L1/2 of the counted rows (detached).
-    Deviation: each step is a mean over its counted rows; DeepSpec divides by all B*S positions.
     """
     seq = final_hidden.shape[0]
     total = torch.zeros(())
     accepts = []
-    for k, hidden in enumerate(step_hidden):
-        rows = torch.arange(max(seq - 2 - k, 0))
-        rows = rows[loss_mask[rows + 2 + k].bool()]
+    for k, (hidden, rows) in enumerate(zip(step_hidden, eagle3_rows(loss_mask, len(step_hidden)))):
         if rows.numel() == 0:
             accepts.append(torch.empty(0))
             continue
@@ -196,6 +224,6 @@ def eagle3_loss(
             ce, l1 = checkpoint(_soft_terms, *args, use_reentrant=False) if torch.is_grad_enabled() else _soft_terms(*args)
             ces.append(ce)
             l1s.append(l1)
-        total = total + lw.ttt_decay**k * torch.cat(ces).mean()
+        total = total + lw.ttt_decay**k * torch.cat(ces).sum() / seq
         accepts.append((1 - 0.5 * torch.cat(l1s).detach()).clamp(0, 1))
     return total, accepts

@@ -3,6 +3,11 @@ AdamW with warmup + cosine, gradient clipping and accumulation, checkpoints in t
 format plus optimizer / RNG / data position for exact resume, JSONL logs and a progress bar with the
 loss and a running tau estimate.
 
+Normalisation (DeepSpec's): a micro-step takes one sequence per process; DSpark/DFlash divide the
+weighted loss sums of every process by the weights summed over all processes (every supervised slot
+of the micro-step counts equally), Eagle3 divides each sequence's sum by its length (DeepSpec's
+local mean); gradient accumulation then averages the micro-steps, each normalised on its own.
+
 Checkpoints: OUT/step_<N>/ is a drafter folder (config.json + model.safetensors) with
 trainer_state.json and optimizer.pt beside it; OUT/latest names the newest complete one (written
 last, atomically), so a run killed mid-save resumes from the previous checkpoint.
@@ -28,7 +33,8 @@ from dspark.errors import DSparkError
 from dspark.models.target import LoadedModel
 from dspark.train.anchors import Blocks, sample_blocks
 from dspark.train.losses import (
-    LossOutput, LossWeights, dspark_loss, eagle3_loss, expected_accept_length, log_normalizer, position_weights,
+    LossOutput, LossWeights, dspark_loss, eagle3_loss, expected_accept_length, log_normalizer, normalised_loss,
+    position_weights,
 )
 from dspark.train.vocab import select_draft_vocab, token_counts
 
@@ -244,6 +250,28 @@ def block_loss(model: DSparkModel, blocks: Blocks, features: torch.Tensor, final
                        recompute=cfg.recompute_logits, matmul_dtype=matmul_dtype)
 
 
+def summed_over_processes(weights: torch.Tensor, world: int) -> torch.Tensor:
+    """weights summed over all processes (DeepSpec's _all_reduce_loss_denominators); every process
+    must call it once per micro-step. Unchanged when training alone."""
+    if world <= 1:
+        return weights
+    import torch.distributed as dist
+
+    weights = weights.clone()
+    dist.all_reduce(weights)
+    return weights
+
+
+def process_loss(sums: torch.Tensor, weights: torch.Tensor, lw: LossWeights,
+                 world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's share of a DSpark micro-step: its weighted sums [3] over the weights [2] summed
+    over all processes, times `world` since gradients are then averaged over processes; the averaged
+    gradient is that of (all sums) / (all weights), as DeepSpec's _build_loss. Returns (loss, [3] term
+    means scaled alike: their average over processes is the micro-step's token-weighted mean)."""
+    loss, means = normalised_loss(sums, summed_over_processes(weights, world), lw)
+    return loss * world, means.detach() * world
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -390,7 +418,9 @@ class Trainer:
         return input_ids, loss_mask, features, final_hidden, lse
 
     def _sequence_loss(self, input_ids, loss_mask, features, final_hidden, target_lse=None):
-        """(loss, {ce, l1, confidence}, tau estimate) of one sequence, or None when nothing is supervised."""
+        """(loss, {ce, l1, confidence}, tau estimate) of this process's sequence, or None when nothing
+        is supervised. DSpark/DFlash losses are normalised over the micro-step's sequences on all
+        processes, so every process joins that reduction, supervised or not."""
         cfg, model = self.cfg, self.model
         if cfg.arch == "eagle3":
             steps = model.forward_ttt(features[None], input_ids[None], steps=model.config.block_size)
@@ -402,11 +432,13 @@ class Trainer:
             return loss, {"ce": float(loss.detach())}, tau
         blocks = sample_blocks(input_ids, loss_mask, cfg.num_anchors, model.config.block_size, self.anchor_gen)
         if not bool(blocks.label_mask.any()):
+            summed_over_processes(torch.zeros(2), self.world)
             return None
         out = block_loss(model, blocks, features, final_hidden, self.head_w, cfg, target_lse, self.label_index,
                          self.matmul_dtype)
-        parts = {"ce": out.ce, "l1": out.l1, "confidence": out.confidence}
-        return out.loss, parts, expected_accept_length(out.acceptance, blocks.label_mask)
+        loss, means = process_loss(out.sums, out.weights, cfg.loss, self.world)
+        parts = dict(zip(("ce", "l1", "confidence"), means.tolist()))
+        return loss, parts, expected_accept_length(out.acceptance, blocks.label_mask)
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum sequences; returns its metrics."""
