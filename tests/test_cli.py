@@ -74,12 +74,18 @@ def test_stop_strings_cut_the_text_before_the_stop(capsys, tiny_dirs):
     assert full["token_ids"][: len(cut["token_ids"])] == cut["token_ids"]
 
 
-def test_unsupported_architecture_is_refused_naming_the_supported_ones(capsys, tmp_path):
+def test_an_architecture_without_a_native_decoder_runs_through_transformers_with_a_notice(capsys, caplog, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from tests.conftest import save_word_tokenizer
+
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32)).save_pretrained(tmp_path / "gpt2")
-    code, _, err = run(capsys, "--target", str(tmp_path / "gpt2"), "--prompt", "x")
-    assert code == 2 and "'gpt2' has no native decoder" in err and "llama, mistral, qwen2, qwen3" in err
+    save_word_tokenizer(tmp_path / "gpt2", 50)
+    code, out, err = run(capsys, "--target", str(tmp_path / "gpt2"), "--prompt", "w5 w6", "--max-new-tokens", "4",
+                         "--drafter", "ngram", "--json")
+    assert code == 0 and json_lines(out)[0]["num_generated"] >= 1
+    notice = [r.getMessage() for r in caplog.records if "no native decoder" in r.getMessage()]  # a warning line
+    assert len(notice) == 1 and "'gpt2'" in notice[0] and "llama, mistral, qwen2, qwen3" in notice[0]
 
 
 BAD_INPUTS = [

@@ -1,7 +1,9 @@
-"""A loaded causal LM: native decoder + its config, tokenizer and stop ids."""
+"""A loaded causal LM: native decoder (or a transformers model behind the same interface) + its
+config, tokenizer and stop ids."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,8 +11,12 @@ import torch
 
 from dspark.config import torch_dtype
 from dspark.models.kv_cache import KVCache, build_kv_cache
-from dspark.models.llama import Transformer
-from dspark.models.loading import load_native_model, resolve_model_dir, weights_fingerprint
+from dspark.models.llama import SUPPORTED_ARCHITECTURES, Transformer
+from dspark.models.loading import load_hf_config, load_native_model, resolve_model_dir, weights_fingerprint
+
+log = logging.getLogger(__name__)
+
+TRANSFORMERS_PREFIX = "transformers:"  # --target transformers:SPEC runs SPEC through transformers
 
 
 @dataclass
@@ -39,7 +45,14 @@ class LoadedModel:
             self._fingerprint = weights_fingerprint(self.model)
         return self._fingerprint
 
+    @property
+    def implementation(self) -> str:
+        """"native" (dspark's own decoder) or "transformers" (any causal LM, slower)."""
+        return "native" if isinstance(self.model, Transformer) else "transformers"
+
     def build_cache(self, num_slots: int, max_seq_len: int, headroom: int) -> KVCache:
+        if self.implementation != "native":
+            return self.model.build_cache(num_slots, max_seq_len, headroom)
         args = self.model.args
         return build_kv_cache(
             args.num_layers, num_slots, max_seq_len, args.num_kv_heads, args.head_dim,
@@ -66,9 +79,24 @@ def eos_ids_of(model_dir: Path, hf_config) -> tuple[int, ...]:
 
 
 def load_model(spec: str, dtype: str = "bf16", with_tokenizer: bool = True) -> LoadedModel:
-    """Resolve a spec (builtin name, .gguf file, HF folder) and load it on the CPU."""
-    model_dir = resolve_model_dir(spec)
-    model, hf_config = load_native_model(model_dir, torch_dtype(dtype))
+    """Resolve a spec (builtin name, .gguf file, HF folder) and load it on the CPU.
+
+    Architectures with a native decoder (Llama family) get it; any other causal LM runs through
+    transformers (slower), with a one-line notice. `transformers:SPEC` asks for transformers
+    explicitly (e.g. to compare both, or to sidestep a native-decoder problem)."""
+    forced = spec.startswith(TRANSFORMERS_PREFIX)
+    model_dir = resolve_model_dir(spec.removeprefix(TRANSFORMERS_PREFIX) if forced else spec)
+    model_type = load_hf_config(model_dir).model_type
+    if forced or model_type not in SUPPORTED_ARCHITECTURES:
+        from dspark.models.hf import load_hf_causal_lm
+
+        if not forced:
+            log.warning("%s: architecture %r has no native decoder (native: %s); running it through "
+                        "transformers, slower", spec, model_type, ", ".join(SUPPORTED_ARCHITECTURES))
+        model = load_hf_causal_lm(model_dir, torch_dtype(dtype))
+        hf_config = model.hf.config
+    else:
+        model, hf_config = load_native_model(model_dir, torch_dtype(dtype))
     tokenizer = None
     if with_tokenizer:
         from transformers import AutoTokenizer
