@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# Tests never read or write the user's cache (converted weights, cost tables profiled by
+# `--policy auto`): one temporary cache per test session, inherited by subprocesses.
+os.environ["DSPARK_CACHE_DIR"] = tempfile.mkdtemp(prefix="dspark-test-cache-")
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -43,13 +43,15 @@ def test_generate_chat_prompts_file_and_batch(capsys, tiny_dirs, tmp_path):
     prompts.write_text("\n".join(json.dumps({"turns": [f"w{i} w{i+1}", "ignored"]}) for i in range(5, 10)))
     code, out, err = run(capsys, "--target", str(tiny_dirs["qwen3"]), "--prompts-file", str(prompts), "--chat",
                          "--batch-size", "2", "--max-new-tokens", "4", "--temperature", "0.9", "--top-k", "5",
-                         "--top-p", "0.9", "--seed", "3", "--json")
+                         "--top-p", "0.9", "--seed", "3", "--policy", "fixed", "--json")
     assert code == 0, err
     records = json_lines(out)
     assert [r["index"] for r in records] == list(range(5))
     again = json_lines(run(capsys, "--target", str(tiny_dirs["qwen3"]), "--prompts-file", str(prompts), "--chat",
                            "--batch-size", "3", "--max-new-tokens", "4", "--temperature", "0.9", "--top-k", "5",
-                           "--top-p", "0.9", "--seed", "3", "--json")[1])
+                           "--top-p", "0.9", "--seed", "3", "--policy", "fixed", "--json")[1])
+    # With a policy whose lengths depend on the drafts alone (not on timings, as auto's do), a
+    # seed fixes the sampled text whatever the batch size.
     assert [r["token_ids"] for r in again] == [r["token_ids"] for r in records], "seeded sampling is reproducible"
 
 
@@ -170,7 +172,7 @@ def test_the_builtin_drafter_is_the_default_lossless_and_accepted(capsys, smollm
     if "smollm2-135m-dspark" not in builtin_drafters():
         pytest.fail("the package ships no builtin drafter for smollm2-135m")
     argv = ["--prompt", "What is 12 * 7? Explain step by step.", "--chat", "--max-new-tokens", "48", "--dtype", "fp32"]
-    code, out, err = run(capsys, *argv, "--json")
+    code, out, err = run(capsys, *argv, "--json", "--policy", "fixed")  # verify every draft: acceptance shows
     assert code == 0, err
     auto = json_lines(out)[0]
     code, out, err = run(capsys, *argv, "--json", "--drafter", "none")
@@ -254,3 +256,26 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("dspark ")
+
+
+def test_auto_policy_profiles_once_and_reuses_the_cached_table(capsys, caplog, tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["--target", str(tiny_dirs["llama"]), "--prompt", "w5 w6 w7 w5 w6 w7 w5", "--max-new-tokens", "8",
+            "--dtype", "fp32", "--json", "--block-size", "3"]
+    reference = json_lines(run(capsys, *args, "--drafter", "none")[1])[0]  # auto without a drafter: none
+    assert not (tmp_path / "cache" / "profiles").exists(), "nothing drafted, nothing profiled"
+    with caplog.at_level("WARNING", logger="dspark.engine.policy_spec"):
+        code, out, err = run(capsys, *args, "--drafter", "ngram")  # --policy auto is the default
+    assert code == 0, err
+    assert json_lines(out)[0]["token_ids"] == reference["token_ids"]
+    assert "profiling the target's cost table" in caplog.text
+    (table,) = (tmp_path / "cache" / "profiles").iterdir()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dspark.engine.policy_spec"):
+        code, out, err = run(capsys, *args, "--drafter", "ngram", "--policy", "auto")
+    assert code == 0, err
+    assert json_lines(out)[0]["token_ids"] == reference["token_ids"]
+    assert "profiling" not in caplog.text, "the second run reads the cached table"
+    assert list((tmp_path / "cache" / "profiles").iterdir()) == [table]
+    code, _, err = run(capsys, *args, "--drafter", "ngram", "--policy", "auto:3")
+    assert code == 2 and "auto:3" in err

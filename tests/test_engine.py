@@ -240,3 +240,117 @@ def test_out_of_range_seeds_are_refused_before_a_request_takes_a_slot():
         with pytest.raises(DSparkError, match="seed must be an integer"):
             SamplingParams(temperature=1.0, seed=seed)
     SamplingParams(seed=2**64 - 1), SamplingParams(seed=-(2**63))
+
+
+# ------------------------------------------------------------------------------ failure isolation
+POISON_SEED = 4242  # the injected failures below hit the request sampling with this seed only
+
+
+class SlotFailingDrafter(NgramDrafter):
+    """n-gram drafts; the slot of the request whose prompt holds token 77 raises on its second commit,
+    and again when it is released."""
+
+    def __init__(self, error: Exception):
+        super().__init__(max_ngram=3, min_ngram=1)
+        self.error, self.bad_slot, self.commits = error, None, 0
+
+    def begin(self, slot, prompt_ids, features) -> None:
+        if 77 in prompt_ids:
+            self.bad_slot = slot
+
+    def commit(self, slot, num_accepted, features) -> None:
+        if slot == self.bad_slot:
+            self.commits += 1
+            if self.commits == 2:
+                raise self.error
+
+    def release(self, slot) -> None:
+        if slot == self.bad_slot:
+            self.bad_slot = None
+            raise RuntimeError("its release fails too")
+
+
+@pytest.mark.parametrize("where", ["first token", "verification", "stop check", "drafter slot"])
+def test_a_failure_in_one_request_ends_it_alone_and_leaves_the_others_unchanged(target, monkeypatch, where):
+    import dspark.engine.engine as engine_module
+
+    boom = RuntimeError(f"injected failure in the {where}")
+    drafter = NgramDrafter(max_ngram=3, min_ngram=1)
+    poisoned = Request([0, 77, 78, 77, 78], SamplingParams(seed=POISON_SEED), StopParams(max_new_tokens=15))
+    if where == "first token":
+        real_sample = engine_module.sample_rows
+
+        def sample_rows(probs, params, generators):
+            if params[0].seed == POISON_SEED:
+                raise boom
+            return real_sample(probs, params, generators)
+
+        monkeypatch.setattr(engine_module, "sample_rows", sample_rows)
+    elif where == "verification":
+        real_verify, calls = engine_module.verify_ragged, []
+
+        def verify_ragged(logits, drafts, draft_probs, params, generators):
+            if params[0].seed == POISON_SEED:
+                calls.append(1)
+                if len(calls) == 3:
+                    raise boom
+            return real_verify(logits, drafts, draft_probs, params, generators)
+
+        monkeypatch.setattr(engine_module, "verify_ragged", verify_ragged)
+    elif where == "stop check":
+        def explode(generated):
+            if len(generated) >= 4:
+                raise boom
+            return False
+
+        poisoned.stop_checker = explode
+    else:
+        drafter = SlotFailingDrafter(boom)
+    engine = Engine(target, drafter, EngineConfig(block_size=3, max_batch_size=3, max_seq_len=64))
+    healthy = [Request(p, stop=StopParams(max_new_tokens=m)) for p, m in zip(PROMPTS, MAX_NEW)]
+    # Four requests, three slots: the last one waits, then takes a slot freed by a finished or failed one.
+    # Stepped by hand, as a server does (generate() raises a request's error instead: see below).
+    requests = [healthy[0], poisoned, *healthy[1:]]
+    for r in requests:
+        engine.add_request(r)
+    done = {}
+    while engine.has_unfinished():
+        done.update({id(out.request): out for out in engine.step()})
+    outputs = [done[id(r)] for r in requests]
+    bad = outputs.pop(1)
+    assert bad.finish_reason == "error" and bad.error is boom
+    for prompt, m, out in zip(PROMPTS, MAX_NEW, outputs):
+        assert out.error is None and out.token_ids == expected_greedy(target, prompt, m)
+    assert not engine.running and not any(engine.cache.in_use)
+
+
+def test_generate_raises_a_failed_requests_error_and_aborts_the_rest(target):
+    """generate() runs a batch to completion for callers (CLI, eval, regeneration) that must not
+    take a cut-short output for a finished one: a request's error is raised, the others aborted."""
+    boom = RuntimeError("injected stop-check failure")
+
+    def explode(generated):
+        if len(generated) >= 3:
+            raise boom
+        return False
+
+    engine = Engine(target, NgramDrafter(), EngineConfig(block_size=3, max_batch_size=2, max_seq_len=64))
+    requests = [Request(PROMPTS[0], stop=StopParams(max_new_tokens=30)),
+                Request(PROMPTS[1], stop=StopParams(max_new_tokens=30), stop_checker=explode),
+                Request(PROMPTS[2], stop=StopParams(max_new_tokens=30))]
+    with pytest.raises(RuntimeError, match="injected stop-check failure"):
+        engine.generate(requests)
+    assert not engine.has_unfinished() and not any(engine.cache.in_use)
+    assert engine.generate(requests[:1])[0].token_ids == expected_greedy(target, PROMPTS[0], 30)
+
+
+def test_a_failure_in_batched_work_still_fails_the_step(target):
+    class BrokenDrafter(NgramDrafter):
+        def propose(self, requests):
+            raise RuntimeError("propose is shared by every row")
+
+    engine = Engine(target, BrokenDrafter(), EngineConfig(block_size=3, max_batch_size=2, max_seq_len=64))
+    for prompt in PROMPTS[:2]:
+        engine.add_request(Request(prompt, stop=StopParams(max_new_tokens=8)))
+    with pytest.raises(RuntimeError, match="shared by every row"):
+        engine.step()

@@ -1,10 +1,12 @@
 """The HTTP server: greedy identity with `dspark generate`, streaming, cancellation, validation,
-queue bound, metrics, failure isolation and the load generator. Tiny fp32 models, CPU."""
+queue bound, metrics, failure isolation, request size limits, start-up with a background profile,
+bounded shutdown and the load generator. Tiny fp32 models, CPU."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 
@@ -19,9 +21,10 @@ import httpx
 from fastapi.testclient import TestClient
 
 from dspark.config import EngineConfig, SamplingParams, StopParams
-from dspark.drafters.simple import NgramDrafter
+from dspark.drafters.simple import NgramDrafter, NoDrafter
 from dspark.engine.engine import Engine, Request, verify_all
 from dspark.models.target import load_model
+from dspark.serve.api import chars_per_token_bound
 from dspark.serve.async_engine import AsyncEngine, ServeError
 from dspark.serve.detok import TextStream
 from dspark.serve.loadtest import load_loadtest_results, run_loadtest, write_loadtest_report
@@ -32,6 +35,7 @@ MAX_SEQ_LEN = 128
 PROMPTS = ["w5 w6 w7 w8 w5 w6 w7", "w10 w11 w12 w10 w11", "w20 w21 w22 w23 w24 w20 w21 w22",
            "w30 w31 w30 w31 w30", "w40 w41 w42 w43", "w50 w51 w52 w50 w51 w52 w50"]
 POISON = 90  # FlakyDrafter fails on requests holding this token (the word "w90")
+POISON_SEED = 4242  # failing_rows() breaks the verification of requests with this seed
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -114,16 +118,22 @@ def engine_is_empty(async_engine: AsyncEngine) -> bool:
             and async_engine.num_running == 0 and async_engine.num_waiting == 0)
 
 
-class SlowPolicy:
-    """verify_all, slowed down so clients can leave mid-generation; exposes a verification budget."""
+def verify_none(requests, proposals):
+    return [0] * len(proposals)
 
-    def __init__(self, delay: float):
+
+class SlowPolicy:
+    """verify_all (or another rule), slowed down so clients can leave mid-generation; exposes a
+    verification budget. With verify_none every round commits exactly one token."""
+
+    def __init__(self, delay: float, rule=verify_all):
         self.delay = delay
+        self.rule = rule
         self.last_budget = None
 
     def __call__(self, requests, proposals):
         time.sleep(self.delay)
-        lengths = verify_all(requests, proposals)
+        lengths = self.rule(requests, proposals)
         self.last_budget = sum(lengths)
         return lengths
 
@@ -146,6 +156,43 @@ class FlakyDrafter(NgramDrafter):
         if any(POISON in r.token_ids for r in requests):
             raise RuntimeError("injected drafter failure")
         return super().propose(requests)
+
+
+def failing_rows(monkeypatch, after: int = 2) -> None:
+    """Make the engine's verification of a request seeded POISON_SEED raise from its (after+1)-th round."""
+    import dspark.engine.engine as engine_module
+
+    real, seen = engine_module.verify_ragged, {}
+
+    def verify_ragged(logits, drafts, draft_probs, params, generators):
+        if params[0].seed == POISON_SEED:
+            seen[id(generators[0])] = seen.get(id(generators[0]), 0) + 1
+            if seen[id(generators[0])] > after:
+                raise RuntimeError("injected row failure")
+        return real(logits, drafts, draft_probs, params, generators)
+
+    monkeypatch.setattr(engine_module, "verify_ragged", verify_ragged)
+
+
+class ProxyTokenizer:
+    """The target's tokenizer, recording what it encodes on which thread; encoding a text longer than
+    `block_above` characters waits for `gate` (as tokenizing a huge prompt takes seconds)."""
+
+    def __init__(self, tokenizer, block_above: int | None = None):
+        self._tokenizer = tokenizer
+        self.block_above = block_above
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.encoded: list[tuple[int, str]] = []  # (characters, thread name)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def encode(self, text, **kwargs):
+        self.encoded.append((len(text), threading.current_thread().name))
+        if self.block_above is not None and len(text) > self.block_above:
+            self.entered.set()
+            assert self.gate.wait(30), "the test never opened the gate"
+        return self._tokenizer.encode(text, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ identity
@@ -451,6 +498,272 @@ def test_a_failing_step_fails_the_running_batch_and_the_loop_keeps_serving(targe
     assert engine_is_empty(async_engine)
 
 
+def test_a_request_that_fails_in_the_engine_fails_alone_streamed_or_not(target, monkeypatch):
+    """A failure in one request's own row (here its verification) ends that request with a 500 or a
+    final error event; the requests decoding beside it keep their exact greedy text."""
+    failing_rows(monkeypatch)
+    tok = target.tokenizer
+    expected = [reference(target, tok.encode(p), 24, ignore_eos=True)[0] for p in PROMPTS[:2]]
+    app, async_engine = make_app(target, SlowPolicy(0.005), max_batch_size=4)
+    good = [{"prompt": p, "max_tokens": 24, "temperature": 0, "ignore_eos": True} for p in PROMPTS[:2]]
+    bad = {"prompt": PROMPTS[2], "max_tokens": 24, "temperature": 0, "ignore_eos": True, "seed": POISON_SEED}
+
+    async def main(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(
+                client.post("/v1/completions", json=good[0]), client.post("/v1/completions", json=bad),
+                client.post("/v1/completions", json=good[1] | {"stream": True}),
+                client.post("/v1/completions", json=bad | {"stream": True}))
+
+    with run_in_thread(app) as url:
+        plain, failed, streamed, failed_stream = asyncio.run(main(url))
+        health = httpx.get(f"{url}/health")
+        assert wait_until(lambda: engine_is_empty(async_engine)), "a failed request kept its slot"
+    assert plain.json()["choices"][0]["text"] == expected[0]
+    assert streamed_text(sse_events(streamed.text), chat=False) == expected[1]
+    assert "injected row failure" in is_openai_error(failed, 500)["message"]
+    assert failed_stream.status_code == 200
+    events = sse_events(failed_stream.text)
+    assert "injected row failure" in events[-1]["error"]["message"]
+    assert health.status_code == 200 and async_engine.num_failed_steps == 0  # no step failed as a whole
+
+
+# ------------------------------------------------------------------------------- request size
+def test_a_huge_request_freezes_neither_streams_nor_health_and_an_oversize_body_gets_413(target):
+    """While a prompt far over the context is being tokenized (held there by the test), the event
+    loop keeps streaming another request and answering /health; a body over the limit is refused
+    with a 413 before anything parses it."""
+    tok = target.tokenizer
+    max_tokens = 100  # one token per 0.03 s round: about 3 s of streaming
+    expected = reference(target, tok.encode(PROMPTS[0]), max_tokens, ignore_eos=True)[0]
+    app, async_engine = make_app(target, SlowPolicy(0.03, verify_none), max_body_bytes=200_000)
+    proxy = ProxyTokenizer(tok, block_above=10_000)
+    app.state.dspark.tokenizer = proxy
+    big = {"prompt": "w5 " * 50_000, "max_tokens": 4}  # 150 kB: within the body limit, far over the context
+    huge = {"prompt": "w5 " * 100_000, "max_tokens": 4}  # 300 kB: over the body limit
+
+    async def main(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            pieces: list[str] = []
+
+            async def stream():
+                body = {"prompt": PROMPTS[0], "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                        "ignore_eos": True}
+                async with client.stream("POST", "/v1/completions", json=body) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {"):
+                            pieces.append(json.loads(line[6:])["choices"][0]["text"])
+
+            streaming = asyncio.create_task(stream())
+            while not pieces:
+                await asyncio.sleep(0.01)
+            stuck = asyncio.create_task(client.post("/v1/completions", json=big))
+            assert await asyncio.to_thread(proxy.entered.wait, 30), "the big prompt never reached the tokenizer"
+            before = len(pieces)
+            health = await client.get("/health", timeout=10)  # liveness bound: the loop is not blocked
+            refused = await client.post("/v1/completions", json=huge, timeout=10)
+            deadline = time.monotonic() + 10
+            while len(pieces) < before + 3 and not streaming.done() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            progressed = len(pieces) >= before + 3 or streaming.done()
+            still_blocked = not proxy.gate.is_set()
+            proxy.gate.set()
+            await streaming
+            return health, refused, await stuck, progressed and still_blocked, "".join(pieces)
+
+    with run_in_thread(app) as url:
+        health, refused, stuck, progressed, text = asyncio.run(main(url))
+    assert health.status_code == 200
+    assert progressed, "the stream stalled while a prompt was being tokenized"
+    assert text == expected
+    assert is_openai_error(refused, 413)["code"] == "request_too_large"
+    assert "context length" in is_openai_error(stuck, 400, "prompt")["message"]
+    assert all(name.startswith("dspark-tokenize") for _, name in proxy.encoded), proxy.encoded
+    assert max(chars for chars, _ in proxy.encoded) < 200_000  # the oversize prompt was never tokenized
+    assert engine_is_empty(async_engine)
+
+
+def test_a_prompt_whose_length_proves_it_too_long_is_refused_without_tokenizing(target):
+    app, async_engine = make_app(target)
+    server = app.state.dspark
+    assert server.chars_per_token is None  # word-level: an unknown word of any length is one token
+    server.chars_per_token = 3  # as a byte-level tokenizer whose longest token has 3 characters would prove
+    server.tokenizer = proxy = ProxyTokenizer(target.tokenizer)
+    long_text = "w5 " * 200  # 600 characters > 3 * (MAX_SEQ_LEN - 1)
+    with TestClient(app) as client:
+        refused = client.post("/v1/completions", json={"prompt": long_text})
+        assert "at least 200 tokens" in is_openai_error(refused, 400, "prompt")["message"]
+        chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": long_text}]})
+        is_openai_error(chat, 400, "messages")
+        assert proxy.encoded == []
+        ok = client.post("/v1/completions", json={"prompt": "w5 w6", "max_tokens": 2})
+        assert ok.status_code == 200 and len(proxy.encoded) == 1
+    assert engine_is_empty(async_engine)
+
+
+def test_the_characters_per_token_bound_holds_for_a_byte_level_bpe():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["def f(x):\n    return x + 1\n", "the quick brown fox jumps over the lazy dog " * 3,
+              "        indented    ", "résumé ☃ 🙂 naïve"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|end|>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    bound = chars_per_token_bound(tok)
+    assert bound is not None
+    for text in corpus + [" " * 300, "é☃🙂" * 20, "<|end|>" * 5, "x" * 500, "\n\n\t  " * 40]:
+        assert len(text) <= bound * len(tok.encode(text, add_special_tokens=False)), text
+
+
+# ------------------------------------------------------------------------------------ start-up
+def test_a_cached_profile_is_reused_and_a_corrupt_one_is_profiled_again(target, tmp_path, monkeypatch, caplog):
+    import dspark.engine.profile as profile_module
+    from dspark.engine.cost import CostTable
+
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    real, calls = profile_module.profile_target, []
+    monkeypatch.setattr(profile_module, "profile_target", lambda t, **kw: calls.append(kw) or real(t, **kw))
+    settings = {"batch_tokens": [1, 2], "context": 8, "block_size": 1, "repeats": 1, "warmup": 0}
+    first = profile_module.cached_profile(target, **settings)
+    path = profile_module.profile_cache_path(target, settings)
+    assert path.parent == tmp_path / "profiles" and path.is_file() and len(calls) == 1
+    assert profile_module.cached_profile(target, **settings).sps == first.sps and len(calls) == 1  # reused
+    assert profile_module.profile_cache_path(target, settings | {"context": 16}) != path  # settings are in the key
+    path.write_text('{"format": "dspark-cost-table", "tok')
+    with caplog.at_level(logging.WARNING, logger="dspark.engine.profile"):
+        again = profile_module.cached_profile(target, **settings)
+    assert len(calls) == 2 and "ignoring the cached cost table" in caplog.text
+    assert CostTable.load(path).tokens == again.tokens  # rewritten whole
+
+
+def test_scheduled_without_a_cost_table_serves_at_once_and_switches_once_profiled(target, tmp_path, monkeypatch):
+    """The server answers while its cost table is profiled (held back here by the test), serving with
+    verify-all; the profile's forwards run on the decode thread only; then the policy switches, and
+    a restart reads the cached table instead of profiling again."""
+    import dspark.engine.profile as profile_module
+
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    real, gate, threads, calls = profile_module.profile_target, threading.Event(), set(), []
+
+    def gated(target_, *, run, **kwargs):
+        calls.append(kwargs)
+        assert gate.wait(30), "the test never opened the gate"
+
+        def recording_run(fn):
+            return run(lambda: (threads.add(threading.current_thread().name), fn())[1])
+
+        return real(target_, run=recording_run, **kwargs)
+
+    monkeypatch.setattr(profile_module, "profile_target", gated)
+    expected, _ = reference(target, target.tokenizer.encode(PROMPTS[0]), 16)
+    body = {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}
+    app, _ = make_app(target, resolve_policy("scheduled", target, NgramDrafter(), config(), defer=True))
+    with TestClient(app) as client:
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json()["profile"] == "profiling", health.text
+        assert health.json()["policy"] == "fixed:4"  # the stated fallback: verify every draft
+        assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == expected
+        gate.set()
+        assert wait_until(lambda: client.get("/health").json()["profile"] == "ready", 60)
+        assert client.get("/health").json()["policy"] == "scheduled"
+        assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == expected
+        assert "dspark_cost_table_ready 1.0" in client.get("/metrics").text
+    assert threads == {"dspark-decode"} and len(calls) == 1
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 1
+    app, _ = make_app(target, resolve_policy("scheduled", target, NgramDrafter(), config(), defer=True))
+    with TestClient(app) as client:  # a restart: the cached table, nothing profiled
+        assert wait_until(lambda: client.get("/health").json()["profile"] == "ready", 30)
+    assert len(calls) == 1
+    app, _ = make_app(target, resolve_policy("auto", target, NgramDrafter(), config(), defer=True))
+    with TestClient(app) as client:  # auto reads the same cached table
+        assert wait_until(lambda: client.get("/health").json()["profile"] == "ready", 30)
+        assert client.get("/health").json()["policy"] == "scheduled"
+    assert len(calls) == 1
+
+
+def test_auto_policy_decodes_plainly_while_its_cost_table_is_profiled(target, tmp_path, monkeypatch):
+    from dspark.engine import profile as profile_module
+
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    gate = threading.Event()
+    real = profile_module.profile_target
+
+    def gated(target_, **kwargs):
+        assert gate.wait(30), "the test never opened the gate"
+        return real(target_, **kwargs)
+
+    monkeypatch.setattr(profile_module, "profile_target", gated)
+    expected, _ = reference(target, target.tokenizer.encode(PROMPTS[0]), 16)
+    body = {"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}
+    app, _ = make_app(target, resolve_policy("auto", target, NgramDrafter(), config(), defer=True))
+    with TestClient(app) as client:
+        health = client.get("/health").json()
+        assert health["profile"] == "profiling" and health["policy"] == "none", health
+        assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == expected
+        gate.set()
+        assert wait_until(lambda: client.get("/health").json()["profile"] == "ready", 60)
+        assert client.get("/health").json()["policy"] == "scheduled"
+
+
+# ------------------------------------------------------------------------------------ shutdown
+def test_drain_refuses_new_requests_and_lets_those_in_flight_finish(target):
+    tok = target.tokenizer
+    expected = reference(target, tok.encode(PROMPTS[0]), 12, ignore_eos=True)[1]
+    async_engine = AsyncEngine(Engine(target, NgramDrafter(), config()), SlowPolicy(0.02))
+
+    async def main():
+        stream = await async_engine.submit(Request(tok.encode(PROMPTS[0]), SamplingParams(),
+                                                   StopParams(12, ignore_eos=True)))
+        drainer = async_engine.drain(30.0)
+        with pytest.raises(ServeError) as refused:
+            await async_engine.submit(Request(tok.encode(PROMPTS[1]), SamplingParams(), StopParams(4)))
+        return refused.value, [inc async for inc in stream], drainer
+
+    refused, increments, drainer = asyncio.run(main())
+    assert refused.status == 503 and refused.code == "shutting_down"
+    assert [t for inc in increments for t in inc.token_ids] == expected and increments[-1].finish_reason == "length"
+    drainer.join(10)  # the last request ended the drain well before its timeout
+    assert not drainer.is_alive() and not async_engine.is_alive
+
+
+def test_shutdown_ends_requests_still_running_at_the_timeout_with_a_final_event_or_a_503(target):
+    app, async_engine = make_app(target, SlowPolicy(0.05, verify_none))  # 100 tokens take about 5 s
+    body = {"prompt": PROMPTS[0], "max_tokens": 100, "temperature": 0, "ignore_eos": True}
+    started, results = threading.Event(), {}
+
+    def client(url):
+        async def main():
+            async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+                async def stream():
+                    lines = []
+                    async with http.stream("POST", "/v1/completions", json=body | {"stream": True}) as response:
+                        async for line in response.aiter_lines():
+                            if line:
+                                lines.append(line)
+                                started.set()
+                    return lines
+
+                return await asyncio.gather(stream(), http.post("/v1/completions", json=body))
+
+        results["out"] = asyncio.run(main())
+
+    with run_in_thread(app, shutdown_timeout=0.3) as url:
+        worker = threading.Thread(target=client, args=(url,), daemon=True)
+        worker.start()
+        assert started.wait(30) and wait_until(lambda: async_engine.num_running == 2)
+    # Leaving the block shut the server down as SIGTERM does; it returned once both requests ended.
+    worker.join(30)
+    lines, plain = results["out"]
+    assert lines[-1] == "data: [DONE]" and len(lines) >= 3, lines
+    assert json.loads(lines[-2][len("data: "):])["error"]["code"] == "shutting_down"
+    assert is_openai_error(plain, 503)["code"] == "shutting_down"
+    assert not async_engine.is_alive and not async_engine.engine.running
+
+
 # ------------------------------------------------------------------------------- detokenizer
 class ByteTokenizer:
     """Token i < 256 is byte i; 256 is eos (special). Multi-byte characters span several tokens."""
@@ -491,7 +804,12 @@ def test_every_verification_policy_serves_the_greedy_text(target, tmp_path):
     expected, _ = reference(target, target.tokenizer.encode(PROMPTS[0]), 16)
     with pytest.raises(ValueError, match="unknown verification policy"):
         resolve_policy("no-such-policy", target, NgramDrafter(), config())
-    for spec in ("none", "fixed:2", "threshold", "scheduled", "async"):
+    from dspark.engine.policy_spec import policy_name
+
+    assert policy_name(resolve_policy("auto", target, NoDrafter(), config(), defer=True)) == "none"  # nothing to schedule
+    given = resolve_policy("auto", target, NgramDrafter(), config(), cost=cost, defer=True)
+    assert policy_name(given) == "scheduled", "auto with a cost table: scheduled at once"
+    for spec in ("auto", "none", "fixed:2", "threshold", "scheduled", "async"):
         policy = resolve_policy(spec, target, NgramDrafter(), config(), cost=cost)
         app, _ = make_app(target, policy)
         with TestClient(app) as client:

@@ -73,10 +73,14 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=_non_negative_int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed + i")
+    p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed + i. Sampled text repeats "
+                   "exactly under none, fixed or threshold; auto, scheduled and async pick verification lengths from "
+                   "timings, so it varies from run to run (its distribution does not)")
     p.add_argument("--block-size", type=_non_negative_int, default=8, help="draft tokens verified per round (K)")
-    p.add_argument("--policy", default="fixed",
-                   help="verification policy: none, fixed[:K] (default: all K), threshold[:C], scheduled, async")
+    p.add_argument("--policy", default="auto",
+                   help="verification policy: auto (default: scheduled on this machine's cost table, profiled once "
+                        "and cached, so drafting happens only where it pays; none without a drafter), none, "
+                        "fixed[:K] (verify all K), threshold[:C], scheduled, async")
     p.add_argument("--cost", help="cost table JSON for scheduled/async (dspark profile; default: profiled now)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="requests decoded together")
     p.add_argument("--max-seq-len", type=_positive_int, default=None,
@@ -494,19 +498,50 @@ def run_eval_command(args) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {value}")
+    return value
+
+
+SERVE_STARTUP = """start-up: the server answers once the target and drafter are loaded (seconds; a GGUF target's
+first run also converts it once). --policy auto, scheduled or async without --cost does not wait for its
+cost table: requests are served with none (auto: plain decoding) or fixed (verify every draft) while the table is profiled between
+decode steps in the background (tens of seconds to minutes, growing with --max-batch-size and
+--block-size; decoding pauses for one measurement at a time), then the policy switches; /health
+says "profile": "profiling" or "ready". The table is cached under $DSPARK_CACHE_DIR/profiles (else
+$XDG_CACHE_HOME/dspark/profiles or ~/.cache/dspark/profiles), keyed by machine, target weights, dtype
+and engine shape, so a restart with the same settings is ready at once."""
+
+
 def add_serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (serve extra)")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching (serve extra)",
+                       description="OpenAI-compatible HTTP server with continuous batching (serve extra).",
+                       epilog=SERVE_STARTUP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--drafter", default="auto",
                    help="auto (the target's builtin DSpark drafter, else ngram), builtin, ngram, none, draft-model or a drafter folder")
     p.add_argument("--draft-model", help="model spec for --drafter draft-model")
-    p.add_argument("--policy", default="fixed", help="none, fixed[:K], threshold[:C], scheduled, async")
-    p.add_argument("--cost", help="cost table JSON for scheduled/async (dspark profile; default: profiled at start-up)")
+    p.add_argument("--policy", default="auto",
+                   help="auto (default: scheduled on this machine's cost table, plain decoding until it is ready; "
+                        "none without a drafter), none, fixed[:K], threshold[:C], scheduled, async")
+    p.add_argument("--cost", help="cost table JSON for scheduled/async (dspark profile; default: profiled in the "
+                                  "background after start-up, cached per machine; see below)")
     p.add_argument("--threshold", type=float, help="confidence cut for --policy threshold")
     p.add_argument("--block-size", type=_non_negative_int, help="draft tokens verified per round at most (K)")
     p.add_argument("--max-batch-size", type=_positive_int, help="requests decoding at once (engine slots)")
     p.add_argument("--max-seq-len", type=_positive_int, help="context per request (default: min(2048, model's))")
     p.add_argument("--max-queue", type=_non_negative_int, default=64, help="waiting requests before 503")
+    p.add_argument("--max-body-bytes", type=_positive_int,
+                   help="larger request bodies get a 413 before parsing (default: 64 bytes per token of context, "
+                        "at least 1 MiB)")
+    p.add_argument("--shutdown-timeout", type=_seconds, default=5.0,
+                   help="on SIGTERM, seconds requests in flight may still finish; then streams end with an error "
+                        "event and [DONE], other requests get a 503 (default: %(default)g)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
     p.add_argument("--port", type=_positive_int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
@@ -521,7 +556,8 @@ def run_serve(args) -> int:
     serve(args.target, args.drafter, args.policy, host=args.host, port=args.port, api_key=args.api_key,
           max_batch_size=args.max_batch_size, block_size=args.block_size, max_seq_len=args.max_seq_len,
           draft_model=args.draft_model, dtype=args.dtype, max_queue=args.max_queue,
-          model_name=args.model_name, cost=args.cost, threshold=args.threshold)
+          model_name=args.model_name, cost=args.cost, threshold=args.threshold,
+          max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout)
     return 0
 
 

@@ -6,10 +6,18 @@ position k does not look at the drafted token k); one target forward verifies al
 blocks; rejection sampling accepts a prefix and adds one recovered or bonus token; target and
 drafter caches roll back to the committed tokens by setting lengths. Requests join (prefill) and
 leave between rounds. The engine knows token ids only.
+
+Failures: work done for one request alone (sampling its first token, verifying its row, committing
+its tokens, its stop checker, its drafter slot's begin/commit/release) is isolated per request: when
+it raises, that request ends with finish_reason "error" (the exception on its output), its slots
+are freed, and the round goes on for the others, whose outputs do not change (each row has its own
+generator and cache slot). Batched work shared by every row (the prefill and verify forwards, the
+drafter's propose, the policy) raises out of `step`: no row can be trusted after it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -23,6 +31,8 @@ from dspark.engine.verify import verify_ragged
 from dspark.errors import DSparkError
 from dspark.models.target import LoadedModel
 from dspark.sampling import logits_to_probs, make_generator, sample_rows
+
+log = logging.getLogger(__name__)
 
 # policy(draft_requests, proposals) -> verification length per row, each in [0, len(proposal)].
 # A policy may also define observe(draft_requests, lengths, num_accepted), called after each
@@ -101,9 +111,10 @@ class RequestOutput:
     request_id: str | int | None
     prompt_ids: list[int]
     token_ids: list[int]  # generated, including a final stop token if one ended the request
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" | "error"
     stats: RequestStats
     request: Request = field(repr=False)
+    error: Exception | None = None  # what ended the request when finish_reason is "error"
 
 
 @dataclass
@@ -116,6 +127,7 @@ class _Running:
     started: float
     uid: int = 0  # admission counter: unique for the engine's lifetime
     finish_reason: str | None = None
+    error: Exception | None = None
 
     @property
     def num_generated(self) -> int:
@@ -189,7 +201,12 @@ class Engine:
         return [(s.request, s.tokens[len(s.request.prompt_ids):]) for s in self.running.values()]
 
     def generate(self, requests: Iterable[Request], policy: Policy = verify_all) -> list[RequestOutput]:
-        """Run requests to completion; outputs in input order."""
+        """Run requests to completion; outputs in input order.
+
+        A request that fails (finish_reason "error") raises its exception here, after the others of
+        this call are aborted: callers that run a batch to completion (generate, eval, regeneration)
+        must not take a cut-short output for a finished one. A server steps the engine itself and
+        fails only that request."""
         requests = list(requests)
         for r in requests:
             self.add_request(r)
@@ -197,6 +214,11 @@ class Engine:
         while self.has_unfinished():
             for out in self.step(policy):
                 done[id(out.request)] = out
+                if out.error is not None:
+                    for other in requests:
+                        if id(other) not in done:
+                            self.abort(other)
+                    raise out.error
         return [done[id(r)] for r in requests]
 
     # -------------------------------------------------------------------------------------- step
@@ -233,15 +255,18 @@ class Engine:
             ids, positions, torch.tensor([s.slot for s in admitted]), self.cache,
             num_new=torch.tensor(lengths), last_only=True, hidden_layers=self.drafter.feature_layers,
         )
-        probs = torch.stack([logits_to_probs(out.logits[row, 0], s.request.sampling) for row, s in enumerate(admitted)])
-        first = sample_rows(probs, [s.request.sampling for s in admitted], [s.generator for s in admitted])
         finished = []
         for row, s in enumerate(admitted):
-            self.cache.set_length(s.slot, lengths[row])
-            features = out.hidden_states[row, : lengths[row]] if out.hidden_states is not None else None
-            self.drafter.begin(s.slot, list(s.request.prompt_ids), features)
-            if self._commit(s, [int(first[row])]):
-                finished.append(self._finish(s))
+            try:  # this request's own work: a failure ends it alone (module docstring)
+                probs = logits_to_probs(out.logits[row, 0], s.request.sampling)
+                first = int(sample_rows(probs[None], [s.request.sampling], [s.generator])[0])
+                self.cache.set_length(s.slot, lengths[row])
+                features = out.hidden_states[row, : lengths[row]] if out.hidden_states is not None else None
+                self.drafter.begin(s.slot, list(s.request.prompt_ids), features)
+                if self._commit(s, [first]):
+                    finished.append(self._finish(s))
+            except Exception as exc:  # noqa: BLE001
+                finished.append(self._fail(s, exc))
         self.timings.prefill_s += time.perf_counter() - t0
         return finished
 
@@ -285,24 +310,38 @@ class Engine:
         self.timings.verified_tokens += len(states) + sum(lengths)
         drafts = [p.tokens[:n] for p, n in zip(proposals, lengths)]
         draft_probs = [p.draft_probs[:n] if p.draft_probs is not None else None for p, n in zip(proposals, lengths)]
-        result = verify_ragged(
-            out.logits, drafts, draft_probs, [s.request.sampling for s in states], [s.generator for s in states]
-        )
-        observe = getattr(policy, "observe", None)
-        if observe is not None:
-            observe(requests, lengths, result.num_accepted)
-        finished = []
+        # Row by row (each with its own generator, so the draws are those of one batched call), so
+        # that a row whose verification raises fails alone.
+        verdicts: list[tuple[int, int] | Exception] = []
         for row, s in enumerate(states):
-            a = result.num_accepted[row]
-            self.cache.set_length(s.slot, len(s.tokens) + a)  # pending token + accepted drafts
-            new_tokens = drafts[row][:a].tolist() + [result.next_tokens[row]]
-            features = out.hidden_states[row, : a + 1] if out.hidden_states is not None else None
-            self.drafter.commit(s.slot, a, features)
-            before = s.num_generated
-            stopped = self._commit(s, new_tokens)
-            s.stats.record_round(lengths[row], a, s.num_generated - before, len(proposals[row]), proposals[row].confidences)
-            if stopped:
-                finished.append(self._finish(s))
+            try:
+                one = verify_ragged(out.logits[row : row + 1], drafts[row : row + 1], draft_probs[row : row + 1],
+                                    [s.request.sampling], [s.generator])
+                verdicts.append((one.num_accepted[0], one.next_tokens[0]))
+            except Exception as exc:  # noqa: BLE001
+                verdicts.append(exc)
+        observe = getattr(policy, "observe", None)
+        if observe is not None:  # a failed row counts as nothing accepted (it leaves the batch now)
+            observe(requests, lengths, [v[0] if isinstance(v, tuple) else 0 for v in verdicts])
+        finished = []
+        for row, (s, verdict) in enumerate(zip(states, verdicts)):
+            if isinstance(verdict, Exception):
+                finished.append(self._fail(s, verdict))
+                continue
+            try:
+                a, next_token = verdict
+                self.cache.set_length(s.slot, len(s.tokens) + a)  # pending token + accepted drafts
+                new_tokens = drafts[row][:a].tolist() + [next_token]
+                features = out.hidden_states[row, : a + 1] if out.hidden_states is not None else None
+                self.drafter.commit(s.slot, a, features)
+                before = s.num_generated
+                stopped = self._commit(s, new_tokens)
+                s.stats.record_round(lengths[row], a, s.num_generated - before, len(proposals[row]),
+                                     proposals[row].confidences)
+                if stopped:
+                    finished.append(self._finish(s))
+            except Exception as exc:  # noqa: BLE001
+                finished.append(self._fail(s, exc))
         self.timings.rounds += 1
         self.timings.round_s += time.perf_counter() - t_round
         return finished
@@ -336,9 +375,25 @@ class Engine:
         del self.running[s.slot]
         self.cache.free(s.slot)
         self.drafter.release(s.slot)
+        return self._output(s)
+
+    def _fail(self, s: _Running, exc: Exception) -> RequestOutput:
+        """End one request whose own work raised (finish_reason "error"), freeing its slots. A
+        drafter whose release raises too is only logged: its next `begin` starts that slot afresh."""
+        s.finish_reason, s.error = "error", exc
+        if self.running.get(s.slot) is s:  # _finish may have raised after letting go of it
+            del self.running[s.slot]
+            self.cache.free(s.slot)
+        try:
+            self.drafter.release(s.slot)
+        except Exception:  # noqa: BLE001
+            log.exception("releasing drafter slot %d of a failed request failed", s.slot)
+        return self._output(s)
+
+    def _output(self, s: _Running) -> RequestOutput:
         s.stats.elapsed_s = time.perf_counter() - s.started
         s.stats.num_generated = s.num_generated
         return RequestOutput(
             s.request.request_id, list(s.request.prompt_ids), s.tokens[len(s.request.prompt_ids) :],
-            s.finish_reason, s.stats, s.request,
+            s.finish_reason, s.stats, s.request, s.error,
         )

@@ -11,14 +11,24 @@ block_size + 1 tokens next to R - 1 rows of one, against the uniform curve at th
 a longer context adds (`CostTable.context_s`): R rows of one and of block_size + 1 tokens timed
 again over a second, longer context. The optional drafter cost (one `propose` for R requests) goes
 into `meta`.
+
+`cached_profile` keeps profiles as JSON in the user cache directory (`profiles/` under
+$DSPARK_CACHE_DIR, else $XDG_CACHE_HOME/dspark or ~/.cache/dspark), keyed by this machine, the
+target's weights and dtype and the profiling settings, so that a restarted server reuses them.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -26,10 +36,18 @@ from dspark.config import SamplingParams
 from dspark.drafters.base import Drafter, DraftRequest
 from dspark.engine.cost import CostTable
 from dspark.errors import DSparkError
+from dspark.models.loading import cache_dir
 from dspark.models.target import LoadedModel
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_TOKENS = (1, 2, 4, 8, 16, 32, 64)
 PREFILL_ROWS = 16  # context prefill in chunks of rows, so large batches do not need all logits at once
+CACHE_VERSION = 1  # bump when a cached table no longer means what profile_target measures
+T = TypeVar("T")
+# run(fn) calls fn (the target's forwards of one measurement) and returns its result; a server
+# passes one that runs fn between its decode steps (AsyncEngine.call_between_steps).
+Run = Callable[[Callable[[], T]], T]
 
 
 def even_rows(num_tokens: int, block_size: int) -> list[int]:
@@ -111,6 +129,8 @@ def profile_target(
     seed: int = 0,
     rows: Sequence[int] = (),
     convex: bool = True,
+    run: Run | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> CostTable:
     """SPS(B) for each B in `batch_tokens` (sorted, deduplicated); `rows_of(B)` gives the row
     lengths (default: `even_rows(B, block_size)`). `feature_layers` are the hidden layers the
@@ -119,7 +139,10 @@ def profile_target(
     meta["drafter_propose_s"] for each R in `drafter_requests`. `rows`: request counts R that get
     their own curve (see the module docstring). With `convex`, each curve is stored as the convex,
     non-decreasing minorant of its measurements (`convex_times`); the raw medians stay in
-    meta["measured_s"]."""
+    meta["measured_s"]. Every call of the target's model goes through `run` (default: called here),
+    one measurement (warm-up and repeats) per call; `progress(done, total)` follows each one."""
+    if drafter is not None and run is not None:
+        raise DSparkError("profiling a drafter resets its slots (setup): not while it serves, so not with `run`")
     points = sorted({int(b) for b in batch_tokens})
     if not points or points[0] < 1:
         raise DSparkError(f"batch_tokens must be integers >= 1, got {list(batch_tokens)}")
@@ -146,16 +169,26 @@ def profile_target(
     num_slots = max([len(lengths) for lengths in layout.values()] + row_counts)
     cache = target.build_cache(num_slots, longer + width_max, headroom=width_max + 2)
     gen = torch.Generator().manual_seed(seed)
+    run = run or _call
+    total = (len(points) + len(row_counts) * (block_size + 1) + sum(r >= 2 and block_size >= 1 for r in row_counts)
+             + (len(row_counts) * len({1, block_size + 1}) if longer > context else 0))
+    done = 0
+
+    def on_model(fn: Callable[[], T]) -> T:
+        # inference_mode is per thread, and `run` may call fn on another one
+        return run(torch.inference_mode()(fn))
+
     for first in range(0, num_slots if longer else 0, PREFILL_ROWS):  # real K/V in every slot's context
         slots = torch.arange(first, min(first + PREFILL_ROWS, num_slots), device=device)
         prompt = torch.randint(0, target.vocab_size, (len(slots), longer), generator=gen).to(device)
-        target.model(prompt, torch.arange(longer, device=device).expand(len(slots), longer), slots, cache,
-                     last_only=True)
+        on_model(lambda prompt=prompt, slots=slots: target.model(
+            prompt, torch.arange(longer, device=device).expand(len(slots), longer), slots, cache, last_only=True))
     spread = {}
 
     def seconds_per_step(lengths: list[int], label: str, at: int = context) -> float:
         # Rows over `at` cached tokens (attention reads keys below the rows' positions only; the
         # K/V they write over are the next context's, which do not change how long anything takes).
+        nonlocal done
         width = max(lengths)  # rows padded to the widest one; only attention sees the padding
         ids = torch.randint(0, target.vocab_size, (len(lengths), width), generator=gen).to(device)
         positions = (at + torch.arange(width)).expand(len(lengths), width).to(device)
@@ -165,8 +198,11 @@ def profile_target(
         def forward():
             return target.model(ids, positions, slots, cache, num_new=num_new, hidden_layers=feature_layers)
 
-        times = _seconds(forward, repeats, warmup, device)
+        times = on_model(lambda: _seconds(forward, repeats, warmup, device))
         spread[label] = [min(times), max(times)]  # a wide spread means a busy machine: profile again
+        done += 1
+        if progress is not None:
+            progress(done, total)
         return statistics.median(times)
 
     def curve(tokens: list[int], seconds: list[float]) -> CostTable:
@@ -211,6 +247,48 @@ def profile_target(
                                                     repeats, warmup, seed)
     return CostTable(table.tokens, table.sps, meta, tuple(by_rows.items()), tuple(padding.items()),
                      context if context_s else None, tuple(context_s.items()))
+
+
+def _call(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+def profile_cache_path(target: LoadedModel, settings: dict) -> Path:
+    """Where `cached_profile` keeps the table of `target` profiled with `settings` (profile_target's
+    keyword arguments): a hash of what the timings depend on, i.e. this machine (platform, processor,
+    CPU count, torch version, device and its threads), the target's weights fingerprint and dtype,
+    and the settings. A target at another path with the same weights shares it."""
+    device = target.model.device
+    key = {
+        "version": CACHE_VERSION, "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "device": _device_name(device),
+        "target": target.fingerprint, "dtype": str(target.model.dtype), "settings": settings,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:24]
+    return cache_dir() / "profiles" / f"{digest}.json"
+
+
+def cached_profile(target: LoadedModel, run: Run | None = None, progress: Callable[[int, int], None] | None = None,
+                   **settings) -> CostTable:
+    """`profile_target(target, **settings)`, read from the user cache when this machine has profiled
+    the same target with the same settings before, else measured and written there. A cached file
+    that does not load (torn, edited, an older format) is ignored with a warning and rewritten."""
+    path = profile_cache_path(target, settings)
+    if path.is_file():
+        try:
+            table = CostTable.load(path)
+            log.info("using the cost table cached at %s", path)
+            return table
+        except (DSparkError, OSError, ValueError) as err:  # ValueError: not UTF-8
+            log.warning("ignoring the cached cost table %s, which does not load (%s); profiling again", path, err)
+    table = profile_target(target, run=run, progress=progress, **settings)
+    try:
+        table.save(path)
+        log.info("cost table cached at %s", path)
+    except OSError as err:  # a read-only home still serves, it only profiles again next time
+        log.warning("could not cache the cost table at %s: %s", path, err)
+    return table
 
 
 @torch.inference_mode()

@@ -7,6 +7,9 @@ Threading model
 - Callers (usually the event loop) hand submissions and cancellations to that thread through an
   inbox guarded by a condition variable; the thread sleeps on it while there is no work.
 - The thread hands results back with `loop.call_soon_threadsafe` into one asyncio.Queue per request.
+- Other work on the engine's model or policy (timing the target's forwards for a cost table,
+  switching the policy) goes through `call_between_steps`: the decode thread runs it between two
+  steps, so it never overlaps a step and the threading model above stays true.
 
 Bounds: at most `max_batch_size` requests decode at once (the engine's slots) and at most
 `max_queue` more wait; a submission beyond that is refused at once with ServeError(503).
@@ -14,13 +17,19 @@ Bounds: at most `max_batch_size` requests decode at once (the engine's slots) an
 Failure isolation (one bad request must not break the loop or the others)
 - `add_request` raising (e.g. a token id outside the vocabulary): that request alone gets the error
   (400 for a DSparkError, 500 otherwise).
-- A request's `stop_checker` raising: the checker is wrapped, so the engine sees "stop" and ends
-  that request alone; it gets a 500 error and the rest of the batch is untouched.
-- `Engine.step` raising (drafter, policy or model failure): no running request can be trusted to
-  have consistent caches, so every *running* request is aborted and gets a 500 error. Reset state:
-  `Engine.abort` frees each one's KV-cache slot and releases its drafter slot (a slot is rebuilt by
-  prefill when the next request takes it). Kept: waiting requests (the failed step did not touch
-  them), the policy's own state (e.g. an acceptance estimate) and `engine.timings`.
+- A failure in one request's own work (its sampling, verification, stop checker, drafter slot): the
+  engine ends that request alone with finish_reason "error" (see engine.py); it gets a 500 error
+  and the rest of the batch decodes on, unchanged.
+- `Engine.step` raising (batched work: a forward, the drafter's propose, the policy): no running
+  request can be trusted to have consistent caches, so every *running* request is aborted and gets
+  a 500 error. Reset state: `Engine.abort` frees each one's KV-cache slot and releases its drafter
+  slot (a slot is rebuilt by prefill when the next request takes it). Kept: waiting requests (the
+  failed step did not touch them), the policy's own state (e.g. an acceptance estimate) and
+  `engine.timings`.
+
+Shutdown: `drain(timeout)` stops admitting at once and lets requests in flight finish for up to
+`timeout` seconds; `shutdown()` then ends whatever is left with ServeError(503) (a stream's final
+error event, or a 503 response).
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TypeVar
 
 from dspark.engine.engine import Engine, Policy, Request, RequestOutput, verify_all
 from dspark.errors import DSparkError
@@ -40,6 +51,7 @@ from dspark.errors import DSparkError
 log = logging.getLogger(__name__)
 
 _ADMITTED = object()  # first item on a request's queue once the engine has accepted it
+T = TypeVar("T")
 
 
 class ServeError(Exception):
@@ -61,7 +73,7 @@ class Increment:
     """Tokens a request committed since its previous increment; the last one carries the finish."""
 
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last increment
+    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last increment (an error raises)
     output: RequestOutput | None = None  # on the last increment (None if aborted before admission)
 
     @property
@@ -83,26 +95,15 @@ class StepReport:
     step_s: float
 
 
-class _GuardedChecker:
-    """Wraps a request's stop_checker: an exception ends that request (seen as "stop") and is kept."""
-
-    def __init__(self, checker: Callable[[list[int]], bool]):
-        self.checker = checker
-        self.error: Exception | None = None
-
-    def __call__(self, generated_ids: list[int]) -> bool:
-        try:
-            return bool(self.checker(generated_ids))
-        except Exception as exc:  # noqa: BLE001 - any failure of user code ends only its request
-            self.error = self.error or exc
-            return True
+def _shutting_down() -> ServeError:
+    return ServeError(503, "the server shut down before this request finished", "service_unavailable_error",
+                      "shutting_down")
 
 
 @dataclass(eq=False)
 class _Handle:
     original: Request  # what the caller submitted
-    request: Request  # the copy the engine holds (guarded stop_checker)
-    guard: _GuardedChecker | None
+    request: Request  # the copy the engine holds (its own object: identity names the submission)
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     sent: int = 0  # generated tokens already pushed
@@ -169,10 +170,12 @@ class AsyncEngine:
         self._cond = threading.Condition()  # guards everything below; RLock inside, so re-entrant
         self._inbox: list[_Handle] = []
         self._cancels: list[_Handle] = []
+        self._tasks: list[tuple[Callable[[], object], Future]] = []  # call_between_steps, in order
         self._handles: dict[int, _Handle] = {}  # id(engine-side request) -> handle, submit to finish
         self._observers: list[Callable[[StepReport], None]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._admitting = True  # False once draining: new submissions get a 503
         self._num_running = 0  # written by the decode thread after each step
 
     # ------------------------------------------------------------------------------- public API
@@ -195,6 +198,10 @@ class AsyncEngine:
         """False once shut down or if the decode thread died (a bug: the loop catches everything)."""
         return not self._stopping and (self._thread is None or self._thread.is_alive())
 
+    @property
+    def is_admitting(self) -> bool:
+        return self._admitting and self.is_alive
+
     def add_observer(self, observer: Callable[[StepReport], None]) -> None:
         """Call `observer(report)` on the decode thread after every step (keep it cheap)."""
         self._observers.append(observer)
@@ -205,11 +212,10 @@ class AsyncEngine:
         Raises ServeError(503) at once when `capacity` requests are already in flight.
         """
         loop = asyncio.get_running_loop()
-        guard = _GuardedChecker(request.stop_checker) if request.stop_checker is not None else None
-        engine_request = dataclasses.replace(request, stop_checker=guard) if guard else dataclasses.replace(request)
-        handle = _Handle(request, engine_request, guard, loop, asyncio.Queue())
+        engine_request = dataclasses.replace(request)
+        handle = _Handle(request, engine_request, loop, asyncio.Queue())
         with self._cond:
-            if self._stopping:
+            if self._stopping or not self._admitting:
                 raise ServeError(503, "the server is shutting down", "service_unavailable_error", "shutting_down")
             if self._thread is not None and not self._thread.is_alive():
                 raise ServeError(503, "the decode loop has stopped; restart the server", "service_unavailable_error")
@@ -225,7 +231,7 @@ class AsyncEngine:
             self._handles[id(engine_request)] = handle
             self._inbox.append(handle)
             self._start_thread()
-            self._cond.notify()
+            self._cond.notify_all()
         stream = RequestStream(self, handle)
         # Whoever drops the stream unfinished (a response body never started, a handler that
         # failed) abandons the request: cancel it then, so it does not hold a slot to the end.
@@ -254,19 +260,57 @@ class AsyncEngine:
                 self._finish(handle, Increment([], "abort"))
             elif handle not in self._cancels:
                 self._cancels.append(handle)
-                self._cond.notify()
+                self._cond.notify_all()
+
+    def call_between_steps(self, fn: Callable[[], T]) -> T:
+        """Run `fn()` on the decode thread between two engine steps and return its result (or raise
+        its exception). Blocks the caller: never call it from the event loop, nor from the decode
+        thread itself (it would wait for itself). Tasks run one per loop turn, alternating with
+        steps, so a long series of them (a cost profile) slows decoding without stopping it.
+        Raises ServeError(503) once the engine shuts down."""
+        future: Future = Future()
+        with self._cond:
+            if self._stopping:
+                raise _shutting_down()
+            if self._thread is not None and not self._thread.is_alive():
+                raise ServeError(503, "the decode loop has stopped; restart the server", "service_unavailable_error")
+            self._tasks.append((fn, future))
+            self._start_thread()
+            self._cond.notify_all()
+        return future.result()
+
+    def drain(self, timeout: float) -> threading.Thread:
+        """Begin a bounded graceful shutdown: refuse new submissions (503) at once, let requests in
+        flight finish for up to `timeout` seconds, then `shutdown()` (the rest get ServeError(503)).
+        Returns at once; the returned thread does the waiting."""
+
+        def wait_then_stop() -> None:
+            deadline = time.monotonic() + max(0.0, timeout)
+            with self._cond:
+                while self._handles and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                if self._handles:
+                    log.warning("shutdown timeout of %gs reached: ending %d unfinished requests",
+                                timeout, len(self._handles))
+            self.shutdown()
+
+        with self._cond:
+            self._admitting = False
+        thread = threading.Thread(target=wait_then_stop, name="dspark-drain", daemon=True)
+        thread.start()
+        return thread
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the decode thread after its current step; unfinished requests get ServeError(503)."""
         with self._cond:
             self._stopping = True
-            self._cond.notify()
+            self._cond.notify_all()
             thread = self._thread
         if thread is not None:
-            thread.join(timeout)
+            if thread is not threading.current_thread():
+                thread.join(timeout)
         else:
-            self._drain(ServeError(503, "the server shut down before this request finished",
-                                   "service_unavailable_error", "shutting_down"))
+            self._drain(_shutting_down())
 
     # --------------------------------------------------------------------------- decode thread
     def _start_thread(self) -> None:
@@ -277,12 +321,14 @@ class AsyncEngine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._inbox or self._cancels or self._stopping or self.engine.has_unfinished()):
+                while not (self._inbox or self._cancels or self._tasks or self._stopping
+                           or self.engine.has_unfinished()):
                     self._cond.wait()
                 if self._stopping:
                     break
                 inbox, self._inbox = self._inbox, []
                 cancels, self._cancels = self._cancels, []
+                task = self._tasks.pop(0) if self._tasks else None
             try:
                 try:
                     self._apply_cancels(cancels)
@@ -292,10 +338,20 @@ class AsyncEngine:
                     self._step()
             except Exception:  # a bug here, not in a request: log it and keep serving
                 log.exception("dspark decode loop error")
+            if task is not None:
+                self._run_task(*task)
             with self._cond:
                 self._num_running = len(self.engine.running)
-        self._drain(ServeError(503, "the server shut down before this request finished",
-                               "service_unavailable_error", "shutting_down"))
+        self._drain(_shutting_down())
+
+    @staticmethod
+    def _run_task(fn: Callable[[], object], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            future.set_exception(exc)
 
     def _apply_cancels(self, cancels: list[_Handle]) -> None:
         for handle in cancels:
@@ -346,9 +402,11 @@ class AsyncEngine:
             if handle is None:
                 continue
             new_tokens += len(out.token_ids) - handle.sent
-            if handle.guard is not None and handle.guard.error is not None:
-                err = handle.guard.error
-                self._finish(handle, ServeError(500, f"this request's stop check raised {type(err).__name__}: {err}"))
+            if out.finish_reason == "error":
+                err = out.error
+                log.error("request %s failed alone; the others go on", out.request_id, exc_info=err)
+                self._finish(handle, ServeError(
+                    500, f"this request failed in the engine ({type(err).__name__}: {err}); the server keeps serving"))
             else:
                 self._finish(handle, Increment(out.token_ids[handle.sent :], out.finish_reason, out))
         ran = timings.rounds > rounds
@@ -401,8 +459,12 @@ class AsyncEngine:
             handles = list(self._handles.values())
             self._inbox.clear()
             self._cancels.clear()
+            tasks, self._tasks = self._tasks, []
         for handle in handles:
             self._finish(handle, error)
+        for _, future in tasks:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
 
     # ------------------------------------------------------------------------------ hand-back
     def _finish(self, handle: _Handle, item: Increment | ServeError) -> None:
@@ -411,6 +473,7 @@ class AsyncEngine:
                 return
             handle.done = True
             self._handles.pop(id(handle.request), None)
+            self._cond.notify_all()  # a drain may be waiting for the last one
         self._push(handle, item)
 
     def _push(self, handle: _Handle, item: object) -> None:

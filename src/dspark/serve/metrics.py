@@ -50,6 +50,11 @@ class ServeMetrics:
             "dspark_requests_finished", "Requests ended, by finish reason (stop, length, abort, error)",
             ["finish_reason"], registry=r,
         )
+        policy = async_engine.policy
+        if hasattr(policy, "status"):  # a DeferredPolicy: its cost table is profiled in the background
+            self.profile_ready = Gauge("dspark_cost_table_ready",
+                                       "1 once the policy's background-profiled cost table is in use", registry=r)
+            self.profile_ready.set_function(lambda: float(policy.status == "ready"))
         async_engine.add_observer(self.observe_step)
 
     def observe_step(self, report: StepReport) -> None:
