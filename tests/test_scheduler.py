@@ -8,6 +8,7 @@ import collections
 import itertools
 import json
 import random
+import statistics
 
 import pytest
 import torch
@@ -396,7 +397,10 @@ def test_the_engine_times_drafting_only_in_rounds_where_every_request_drafts(qwe
     engine.step(OneRow())
     assert engine._draft_s is None
     engine.step(verify_all)
-    assert engine._draft_s is not None
+    assert engine._draft_s is None, "the first drafting round pays one-time costs: left out"
+    for _ in range(3):
+        engine.step(verify_all)
+    assert len(engine._draft_times) == 3 and engine._draft_s == statistics.median(engine._draft_times)
 
 
 def test_estimates_that_stopped_verifying_are_tried_again():
@@ -673,6 +677,19 @@ def test_draft_gate_reads_what_confident_picks_realised():
     assert gate.confident and gate.seen == 4
     with pytest.raises(DSparkError, match="memory"):
         DraftGate(cost, OnlineAcceptance(), memory=0.5)
+
+
+def test_draft_gate_judges_confident_picks_only_after_a_few_rounds():
+    """One rejected first draft must not close the gate: judged on it, the builtin drafter's gate
+    closed in the first round of a warm-up and stayed closed for a whole answer."""
+    cost = CostTable.gpu_shaped(knee=16, base_ms=10.0, ms_per_token=1.0)
+    gate = DraftGate(cost, OnlineAcceptance())
+    decisions = []
+    for _ in range(8):
+        decisions.append(gate.allow([4], draft_seconds=0.003))
+        gate.record([4], [4], [0], confident=True)  # every pick rejected
+    assert decisions[:5] == [True] * 5 and not any(decisions[5:]), decisions
+    assert gate.seen >= gate.min_seen
 
 
 def test_confident_policy_feeds_its_gate_its_own_lengths():

@@ -18,6 +18,7 @@ drafter's propose, the policy) raises out of `step`: no row can be trusted after
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +34,8 @@ from dspark.models.target import LoadedModel
 from dspark.sampling import logits_to_probs, make_generator, sample_rows
 
 log = logging.getLogger(__name__)
+
+DRAFT_TIMES = 8  # drafting rounds whose median time plan() is told
 
 # policy(draft_requests, proposals) -> verification length per row, each in [0, len(proposal)].
 # A policy may also define observe(draft_requests, lengths, num_accepted), called after each
@@ -161,7 +164,11 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: dict[int, _Running] = {}  # slot -> request
         self.timings = EngineTimings()
-        self._draft_s: float | None = None  # moving average of a drafting round's time
+        # A drafting round's time for plan(): the median of the last DRAFT_TIMES measured rounds,
+        # the first one left out (it pays one-time costs: allocations, kernel selection).
+        self._draft_s: float | None = None
+        self._draft_times: deque[float] = deque(maxlen=DRAFT_TIMES)
+        self._draft_warm = False
         self._admitted = 0  # requests admitted so far (their uids)
 
     # ----------------------------------------------------------------------------------- requests
@@ -287,8 +294,13 @@ class Engine:
         self.timings.propose_s += elapsed
         # The recent draft time of a round where every request that could draft did, for plan()
         # (which weighs drafting for all of them; a round drafting for a few would understate it).
+        # A median, not a moving average: one slow round (a cold start, a context switch) made
+        # drafting look 5x dearer for dozens of rounds, and a gate it closed measures nothing new.
         if any(able) and all(r.max_tokens > 0 for r, a in zip(requests, able) if a):
-            self._draft_s = elapsed if self._draft_s is None else 0.8 * self._draft_s + 0.2 * elapsed
+            if self._draft_warm:
+                self._draft_times.append(elapsed)
+                self._draft_s = statistics.median(self._draft_times)
+            self._draft_warm = True
         lengths = list(policy(requests, proposals))
         for r, p, n in zip(requests, proposals, lengths):
             if not 0 <= n <= min(len(p), r.max_tokens):
