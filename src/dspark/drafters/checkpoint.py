@@ -12,12 +12,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from dspark.drafters.dspark import (
-    DSparkConfig, DSparkDrafter, DSparkModel, TargetSpec, config_fields_from_json, default_target_layer_ids,
-)
+# build_dspark_model is also imported from here by callers that create drafter folders.
+from dspark.drafters.building import build_dspark_model, check_target, load_exact, target_spec_of
+from dspark.drafters.deepspec import is_deepspec_config, load_deepspec_model
+from dspark.drafters.dspark import DSparkConfig, DSparkDrafter, config_fields_from_json, default_target_layer_ids
+from dspark.drafters.eagle3 import Eagle3Drafter, build_eagle3_model, eagle3_config_from_json
 from dspark.errors import DSparkError
 from dspark.models.target import LoadedModel
 
@@ -27,23 +28,6 @@ ARCHS = ("dspark", "dflash", "eagle3")
 CALIBRATION_FILE = "calibration.json"
 SETTABLE = ("block_size", "num_draft_layers", "markov_rank", "markov_head_type", "confidence_head",
             "confidence_with_markov", "target_layer_ids", "mask_token_id", "draft_vocab_size")
-
-
-def target_spec_of(target: LoadedModel) -> TargetSpec:
-    args = target.model.args
-    return TargetSpec(args.architecture, args.hidden_size, args.vocab_size, args.num_layers, target.fingerprint)
-
-
-def check_target(spec: TargetSpec, target: LoadedModel, where: str) -> None:
-    """Refuse a target other than the one the drafter was made for, naming the mismatch."""
-    args = target.model.args
-    for name in ("architecture", "hidden_size", "vocab_size", "num_layers", "fingerprint"):
-        want = getattr(spec, name)
-        got = target.fingerprint if name == "fingerprint" else getattr(args, name)
-        if want is not None and want != got:
-            raise DSparkError(
-                f"drafter {where} was made for a target with {name} {want!r}, but target {target.spec!r} has {got!r}"
-            )
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -80,34 +64,6 @@ def new_dspark_config(target: LoadedModel, arch: str = "dspark", overrides: dict
         base.update(markov_rank=0, confidence_head=False)
     base.update(overrides)
     return DSparkConfig(**base)
-
-
-def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """DeepSpec's initialisation: linear and embedding weights N(0, std), biases 0, norms 1."""
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            nn.init.normal_(sub.weight, 0.0, std)
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
-        elif isinstance(sub, nn.Embedding):
-            nn.init.normal_(sub.weight, 0.0, std)
-        elif hasattr(sub, "weight") and type(sub).__name__ == "RMSNorm":
-            nn.init.ones_(sub.weight)
-
-
-def build_sharing_model(model_cls, config, target: LoadedModel, seed: int | None = 0) -> nn.Module:
-    """A drafter model sharing the target's embedding, LM head and RoPE, randomly initialised
-    (seed None: leave the global RNG alone, e.g. before loading weights), frozen, in the target's dtype."""
-    tm = target.model
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = model_cls(config, tm.model.embed_tokens, tm.lm_head, tm.inv_freq, tm.rope_scale)
-    init_weights(model)
-    return model.to(tm.dtype).eval().requires_grad_(False)
-
-
-def build_dspark_model(config: DSparkConfig, target: LoadedModel, seed: int | None = 0) -> DSparkModel:
-    return build_sharing_model(DSparkModel, config, target, seed)
 
 
 def _config_to_json(config) -> dict:
@@ -161,15 +117,11 @@ def load_drafter_model(path: str | Path, target: LoadedModel) -> nn.Module:
     """A drafter model from a dspark folder or an imported DeepSpec folder, checked against the target."""
     from safetensors.torch import load_file
 
-    from dspark.drafters.deepspec import is_deepspec_config, load_deepspec_model
-
     folder = Path(path)
     if (folder / "config.json").is_file() and is_deepspec_config(json.loads((folder / "config.json").read_text())):
         return load_deepspec_model(folder, target)
     raw = read_drafter_config(folder)
     if raw["arch"] == "eagle3":
-        from dspark.drafters.eagle3 import build_eagle3_model, eagle3_config_from_json
-
         config = eagle3_config_from_json(raw["config"])
         check_target(config.target, target, str(folder))
         model = build_eagle3_model(config, target, seed=None)
@@ -182,15 +134,6 @@ def load_drafter_model(path: str | Path, target: LoadedModel) -> nn.Module:
         raise DSparkError(f"{folder} has no model.safetensors")
     load_exact(model, load_file(str(weights)), f"{weights} does not fit its config", target.model.dtype)
     return model
-
-
-def load_exact(model: nn.Module, state: dict[str, torch.Tensor], problem: str, dtype: torch.dtype) -> None:
-    """Load a state dict whose keys must be exactly the model's; otherwise fail with `problem`."""
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise DSparkError(f"{problem}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
 
 
 def read_calibration(path: str | Path) -> dict | None:
@@ -225,8 +168,6 @@ def load_drafter(path: str | Path, target: LoadedModel, calibrated: bool = True)
     """
     model = load_drafter_model(path, target)
     if model.config.arch == "eagle3":
-        from dspark.drafters.eagle3 import Eagle3Drafter
-
         return Eagle3Drafter(model)
     calibration = read_calibration(path) if calibrated else None
     if calibration is not None:

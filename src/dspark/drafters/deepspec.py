@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dspark.drafters.building import build_dspark_model, load_exact
 from dspark.drafters.dspark import DSparkConfig, TargetSpec
+from dspark.drafters.eagle3 import Eagle3Config, build_eagle3_model
 from dspark.errors import DSparkError
 from dspark.models.target import LoadedModel
 
@@ -86,8 +88,6 @@ def deepspec_to_config(raw: dict, target: LoadedModel) -> DSparkConfig:
 
 def deepspec_to_eagle3_config(raw: dict, target: LoadedModel):
     """Map a DeepSpec Eagle3 config onto Eagle3Config (ttt_length chained steps = block_size)."""
-    from dspark.drafters.eagle3 import Eagle3Config
-
     spec = _target_spec(raw, target)
     layers = int(raw.get("draft_num_hidden_layers", raw.get("num_hidden_layers", 1)))
     if layers != 1:
@@ -113,12 +113,8 @@ def load_deepspec_model(folder: Path, target: LoadedModel) -> nn.Module:
     """A DSparkModel (DSpark/DFlash) or Eagle3Model from a DeepSpec folder, checked against the target."""
     from safetensors.torch import load_file
 
-    from dspark.drafters.checkpoint import build_dspark_model, load_exact
-
     raw = json.loads((folder / "config.json").read_text())
     if deepspec_arch(raw) == "eagle3":
-        from dspark.drafters.eagle3 import build_eagle3_model
-
         model = build_eagle3_model(deepspec_to_eagle3_config(raw, target), target, seed=None)
     else:
         model = build_dspark_model(deepspec_to_config(raw, target), target, seed=None)

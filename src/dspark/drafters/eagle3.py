@@ -21,7 +21,10 @@ import torch
 from torch import nn
 
 from dspark.drafters.base import DraftRequest, Proposal, empty_proposal
-from dspark.drafters.dspark import TargetSharingModel, TargetSpec, check_target_layer_ids, config_fields_from_json
+from dspark.drafters.building import build_sharing_model, target_spec_of
+from dspark.drafters.dspark import (
+    TargetSharingModel, TargetSpec, check_target_layer_ids, config_fields_from_json, default_target_layer_ids,
+)
 from dspark.errors import DSparkError
 from dspark.models.kv_cache import KVCache, build_kv_cache, write_rows
 from dspark.models.llama import MLP, ModelArgs, RMSNorm, apply_rope, grouped_attention
@@ -221,9 +224,6 @@ class Eagle3Drafter:
 
 
 def new_eagle3_config(target, overrides: dict | None = None) -> Eagle3Config:
-    from dspark.drafters.checkpoint import target_spec_of
-    from dspark.drafters.dspark import default_target_layer_ids
-
     targs = target.model.args
     base = dict(target=target_spec_of(target), target_layer_ids=default_target_layer_ids(targs.num_layers),
                 layer_args=dataclasses.replace(targs, num_layers=1, sliding_windows=(None,)))
@@ -235,6 +235,4 @@ def new_eagle3_config(target, overrides: dict | None = None) -> Eagle3Config:
 
 
 def build_eagle3_model(config: Eagle3Config, target, seed: int | None = 0) -> Eagle3Model:
-    from dspark.drafters.checkpoint import build_sharing_model
-
     return build_sharing_model(Eagle3Model, config, target, seed)
