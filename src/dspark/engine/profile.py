@@ -36,6 +36,7 @@ from dspark.config import SamplingParams
 from dspark.drafters.base import Drafter, DraftRequest
 from dspark.engine.cost import CostTable
 from dspark.errors import DSparkError
+from dspark.models.llama import native_bf16_matmul
 from dspark.models.loading import cache_dir
 from dspark.models.target import LoadedModel
 
@@ -111,7 +112,10 @@ def _seconds(fn: Callable[[], object], repeats: int, warmup: int, device: torch.
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"{device.type}:{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    # The vector unit and bf16 matrix units change what a block costs several-fold (AVX2 CPUs
+    # emulate bf16 products), and platform.processor() is often empty on Linux: name them.
+    units = torch.backends.cpu.get_cpu_capability() + (" bf16-units" if native_bf16_matmul(device) else "")
+    return f"{device.type}:{platform.processor() or platform.machine()} {units} ({torch.get_num_threads()} threads)"
 
 
 @torch.inference_mode()
@@ -255,13 +259,12 @@ def _call(fn: Callable[[], T]) -> T:
 
 def profile_cache_path(target: LoadedModel, settings: dict) -> Path:
     """Where `cached_profile` keeps the table of `target` profiled with `settings` (profile_target's
-    keyword arguments): a hash of what the timings depend on, i.e. this machine (platform, processor,
-    CPU count, torch version, device and its threads), the target's weights fingerprint and dtype,
+    keyword arguments): a hash of what the timings depend on, i.e. this machine (platform, CPU
+    count, torch version, device: processor, vector and bf16 units, threads), the target's weights fingerprint and dtype,
     and the settings. A target at another path with the same weights shares it."""
     device = target.model.device
     key = {
-        "version": CACHE_VERSION, "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "version": CACHE_VERSION, "platform": platform.platform(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "device": _device_name(device),
         "target": target.fingerprint, "dtype": str(target.model.dtype), "settings": settings,
     }
