@@ -81,7 +81,9 @@ def add_generate_parser(sub) -> None:
                    help="verification policy: auto (default: scheduled on this machine's cost table, profiled once "
                         "and cached, so drafting happens only where it pays; none without a drafter), none, "
                         "fixed[:K] (verify all K), threshold[:C], scheduled, async")
-    p.add_argument("--cost", help="cost table JSON for scheduled/async (dspark profile; default: profiled now)")
+    p.add_argument("--cost", help="cost table JSON for auto/scheduled/async (dspark profile; default: auto reads "
+                                  "this machine's cached table or profiles and caches it now, scheduled/async "
+                                  "profile now)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="requests decoded together")
     p.add_argument("--max-seq-len", type=_positive_int, default=None,
                    help="context length (default: longest prompt + max new tokens, within the model's limit)")
@@ -509,11 +511,12 @@ def _seconds(text: str) -> float:
 
 
 SERVE_STARTUP = """start-up: the server answers once the target and drafter are loaded (seconds; a GGUF target's
-first run also converts it once). --policy auto, scheduled or async without --cost does not wait for its
-cost table: requests are served with none (auto: plain decoding) or fixed (verify every draft) while the table is profiled between
-decode steps in the background (tens of seconds to minutes, growing with --max-batch-size and
---block-size; decoding pauses for one measurement at a time), then the policy switches; /health
-says "profile": "profiling" or "ready". The table is cached under $DSPARK_CACHE_DIR/profiles (else
+first run also converts it once). --policy auto, scheduled or async without --cost does not wait
+for its cost table: requests are served with none (auto: plain decoding) or fixed (scheduled,
+async: verify every draft) while the table is profiled between decode steps in the background
+(tens of seconds to minutes, growing with --max-batch-size and --block-size; decoding pauses for
+one measurement at a time), then the policy switches; /health says "profile": "profiling" or
+"ready". The table is cached under $DSPARK_CACHE_DIR/profiles (else
 $XDG_CACHE_HOME/dspark/profiles or ~/.cache/dspark/profiles), keyed by machine, target weights, dtype
 and engine shape, so a restart with the same settings is ready at once."""
 
@@ -529,8 +532,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--policy", default="auto",
                    help="auto (default: scheduled on this machine's cost table, plain decoding until it is ready; "
                         "none without a drafter), none, fixed[:K], threshold[:C], scheduled, async")
-    p.add_argument("--cost", help="cost table JSON for scheduled/async (dspark profile; default: profiled in the "
-                                  "background after start-up, cached per machine; see below)")
+    p.add_argument("--cost", help="cost table JSON for auto/scheduled/async (dspark profile; default: profiled "
+                                  "in the background after start-up, cached per machine; see below)")
     p.add_argument("--threshold", type=float, help="confidence cut for --policy threshold")
     p.add_argument("--block-size", type=_non_negative_int, help="draft tokens verified per round at most (K)")
     p.add_argument("--max-batch-size", type=_positive_int, help="requests decoding at once (engine slots)")

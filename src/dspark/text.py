@@ -16,13 +16,21 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None)
     return encode_messages(tokenizer, messages)
 
 
-def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation rendered by the chat template, ending with the assistant header."""
+def render_messages(tokenizer, messages: list[dict]) -> str:
+    """A conversation rendered by the chat template, ending with the assistant header."""
     if not getattr(tokenizer, "chat_template", None):
         raise DSparkError("the tokenizer has no chat template; drop --chat")
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    # The template already wrote any special tokens it wants.
+    return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+
+def encode_rendered(tokenizer, text: str) -> list[int]:
+    """Token ids of `render_messages`' text: the template already wrote any special tokens it wants."""
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation rendered by the chat template, ending with the assistant header."""
+    return encode_rendered(tokenizer, render_messages(tokenizer, messages))
 
 
 class StopStrings:

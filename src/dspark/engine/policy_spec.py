@@ -88,11 +88,10 @@ def _profile_cost(target: LoadedModel, drafter: Drafter, config: EngineConfig, c
     from dspark.engine.profile import cached_profile, profile_cache_path, profile_target
 
     settings = profile_settings(target, drafter, config)
-    if cached and profile_cache_path(target, settings).is_file():
-        return cached_profile(target, **settings)
-    log.warning("profiling the target's cost table for %s verify tokens and %s requests (pass a cost table to "
-                "skip%s)", settings["batch_tokens"], settings["rows"],
-                "; cached for the next run on this machine" if cached else "")
+    if not (cached and profile_cache_path(target, settings).is_file()):
+        log.warning("profiling the target's cost table for %s verify tokens and %s requests (pass a cost table "
+                    "to skip%s)", settings["batch_tokens"], settings["rows"],
+                    "; cached for the next run on this machine" if cached else "")
     return cached_profile(target, **settings) if cached else profile_target(target, **settings)
 
 

@@ -39,7 +39,7 @@ from dspark.serve import protocol as p
 from dspark.serve.async_engine import AsyncEngine, Increment, RequestStream, ServeError
 from dspark.serve.detok import TextStream
 from dspark.serve.metrics import ServeMetrics
-from dspark.text import StopStrings
+from dspark.text import StopStrings, encode_rendered, render_messages
 
 log = logging.getLogger(__name__)
 
@@ -221,17 +221,17 @@ class _Server:
         return list(prompt)
 
     def chat_ids(self, body: p.ChatRequest) -> list[int]:
-        """Runs on the tokenizer pool. Renders and encodes as `encode_messages` does, with the
-        character check between the two."""
+        """Runs on the tokenizer pool. `encode_messages` in two steps, with the character check
+        between them."""
         messages = p.message_dicts(body)
         if not getattr(self.tokenizer, "chat_template", None):
             raise p.invalid("this model has no chat template: use /v1/completions", "messages")
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = render_messages(self.tokenizer, messages)
         except Exception as err:  # noqa: BLE001 - the template itself refused the conversation (jinja raise)
             raise p.invalid(f"the chat template could not render these messages: {err}", "messages") from None
         self.check_chars(text, "messages")
-        return list(self.tokenizer.encode(text, add_special_tokens=False))  # the template wrote any special tokens
+        return encode_rendered(self.tokenizer, text)
 
     def check_chars(self, text: str, param: str) -> None:
         """Refuse text whose length alone proves it exceeds the context (see chars_per_token_bound)."""

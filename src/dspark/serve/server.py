@@ -4,9 +4,10 @@
 `serve` loads everything from specs and blocks until the server stops; `run_in_thread` serves an
 app from a background thread (in-process servers for tests and load tests).
 
-Start-up: the server answers as soon as the model is loaded. A scheduled or async policy without a
-cost table is a DeferredPolicy: verify-all serves while the table is profiled between decode steps
-(or read from the user cache), then the policy switches (engine/policy_spec.py).
+Start-up: the server answers as soon as the model is loaded. An auto, scheduled or async policy
+without a cost table is a DeferredPolicy: plain decoding (auto) or verify-all serves while the table
+is profiled between decode steps (or read from the user cache), then the policy switches
+(engine/policy_spec.py).
 
 Shutdown (SIGTERM, Ctrl-C): uvicorn stops accepting connections; the engine stops admitting and lets
 requests in flight finish for up to `shutdown_timeout` seconds, then ends the rest with a final
@@ -15,6 +16,7 @@ error event (streams) or a 503. uvicorn's own graceful timeout, a little longer,
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import socket
@@ -63,10 +65,8 @@ def build_server_app(
     if target.tokenizer is None:
         raise DSparkError("the target was loaded without a tokenizer; the server needs one")
     async_engine = AsyncEngine(Engine(target, drafter, config), policy, max_queue=max_queue)
-    on_startup = None
-    if isinstance(policy, DeferredPolicy):
-        def on_startup() -> None:
-            policy.start(async_engine.call_between_steps)
+    deferred = isinstance(policy, DeferredPolicy)
+    on_startup = functools.partial(policy.start, async_engine.call_between_steps) if deferred else None
     app = build_app(async_engine, target.tokenizer, model_name or default_model_name(target.spec), api_key,
                     shutdown_engine=True, max_body_bytes=max_body_bytes, on_startup=on_startup)
     return app, async_engine
