@@ -13,7 +13,6 @@ from dspark.config import EngineConfig, SamplingParams, StopParams
 from dspark.drafters.draft_model import DraftModelDrafter
 from dspark.drafters.simple import NgramDrafter, NoDrafter
 from dspark.engine.engine import Engine, Request
-from dspark.models.kv_cache import build_kv_cache
 from dspark.models.target import load_model, reference_greedy
 from tests.conftest import save_tiny_model, tv_bound
 
@@ -135,7 +134,7 @@ def exact_joint(model, prompt, params: SamplingParams, num_tokens: int) -> dict[
     a = model.args
 
     def next_probs(ids):
-        cache = build_kv_cache(a.num_layers, 1, len(ids), a.num_kv_heads, a.head_dim, model.dtype, headroom=0)
+        cache = model.build_cache(1, len(ids), headroom=0)
         logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], torch.tensor([0]), cache).logits[0, -1]
         return logits_to_probs(logits, params)
 

@@ -66,19 +66,7 @@ def test_ragged_batch_rows_equal_single_row_forwards(tiny_dirs, family, packed):
     """Rows with different committed lengths and padded new tokens, in non-contiguous slots; with
     num_new the per-token layers run on the real tokens only (packed), and the results are the same."""
     model, _ = load_native_model(tiny_dirs[family], torch.float64)
-    gen = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(0, model.args.vocab_size, (n,), generator=gen) for n in (3, 9, 6)]
-    news = [torch.randint(0, model.args.vocab_size, (n,), generator=gen) for n in (1, 4, 2)]
-    slots = [3, 0, 2]
-    cache = new_cache(model, slots=4)
-    for slot, prompt in zip(slots, prompts):
-        forward(model, prompt, cache, slot=slot)
-    width = max(len(n) for n in news)
-    ids = torch.zeros(3, width, dtype=torch.long)
-    for row, n in enumerate(news):
-        ids[row, : len(n)] = n
-    positions = torch.tensor([len(p) for p in prompts])[:, None] + torch.arange(width)
-    num_new = torch.tensor([len(n) for n in news]) if packed else None
+    prompts, news, slots, cache, ids, positions, num_new = ragged_batch(model, packed, (1, 4, 2))
     out = model(ids, positions, torch.tensor(slots), cache, num_new=num_new, hidden_layers=(1,))
     for row, (prompt, new) in enumerate(zip(prompts, news)):
         ref = forward(model, torch.cat([prompt, new]), new_cache(model), hidden_layers=(1,))
@@ -91,6 +79,25 @@ def test_ragged_batch_rows_equal_single_row_forwards(tiny_dirs, family, packed):
             torch.testing.assert_close(last.logits[row, 0], out.logits[row, len(new) - 1], atol=1e-10, rtol=1e-10)
             torch.testing.assert_close(model.lm_head(hidden.final_hidden[row, : len(new)]).float(),
                                        out.logits[row, : len(new)].float(), atol=1e-10, rtol=1e-10)
+
+
+def ragged_batch(model, packed: bool, new_lengths: tuple[int, ...]):
+    """Three rows with different committed contexts (prefilled into non-contiguous slots 3, 0, 2)
+    and new tokens of new_lengths, right-padded to one width; num_new when `packed`."""
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, model.args.vocab_size, (n,), generator=gen) for n in (3, 9, 6)]
+    news = [torch.randint(0, model.args.vocab_size, (n,), generator=gen) for n in new_lengths]
+    slots = [3, 0, 2]
+    cache = model.build_cache(4, 64)
+    for slot, prompt in zip(slots, prompts):
+        forward(model, prompt, cache, slot=slot)
+    width = max(new_lengths)
+    ids = torch.zeros(3, width, dtype=torch.long)
+    for row, n in enumerate(news):
+        ids[row, : len(n)] = n
+    positions = torch.tensor([len(p) for p in prompts])[:, None] + torch.arange(width)
+    num_new = torch.tensor(new_lengths) if packed else None
+    return prompts, news, slots, cache, ids, positions, num_new
 
 
 @pytest.mark.slow

@@ -94,7 +94,8 @@ def write_cache(target, sequences, layer_ids: tuple[int, ...], out_dir, dtype: s
                                  hidden_layers=layer_ids, compute_logits=False)
                 feats.append(o.hidden_states[0].to(CACHE_DTYPES[dtype]))
                 finals.append(o.final_hidden[0].to(CACHE_DTYPES[dtype]))
-                lses.append(log_normalizer(finals[-1], lm_head_w, matmul_dtype=lse_dtype))  # from what training reads
+                lses.append(log_normalizer(finals[-1], lm_head_w, matmul_dtype=lse_dtype,  # from what training reads
+                                           cap=target.logit_softcap))
                 bar.update(1)
             lengths = torch.tensor([0] + [s.input_ids.numel() for s in chunk])
             tensors = {"input_ids": torch.cat([s.input_ids for s in chunk]).to(torch.int32),

@@ -17,7 +17,8 @@ from dspark.models.target import LoadedModel
 
 def target_spec_of(target: LoadedModel) -> TargetSpec:
     args = target.model.args
-    return TargetSpec(args.architecture, args.hidden_size, args.vocab_size, args.num_layers, target.fingerprint)
+    return TargetSpec(args.architecture, args.hidden_size, args.vocab_size, args.num_layers, target.fingerprint,
+                      target.logit_softcap)
 
 
 def check_target(spec: TargetSpec, target: LoadedModel, where: str) -> None:

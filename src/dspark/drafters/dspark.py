@@ -25,6 +25,7 @@ from dspark.drafters.base import DraftRequest, Proposal, empty_proposal
 from dspark.drafters.heads import HEAD_TYPES, ConfidenceHead, build_sequential_head
 from dspark.errors import DSparkError
 from dspark.models.kv_cache import KVCache, build_kv_cache, write_rows
+from dspark.models.gemma import softcap
 from dspark.models.llama import DecoderLayer, ModelArgs, RMSNorm, apply_rope, grouped_attention, rope_tables
 from dspark.sampling import logits_to_probs, sample_rows
 
@@ -38,6 +39,9 @@ class TargetSpec:
     vocab_size: int
     num_layers: int
     fingerprint: str | None = None
+    # The target's final-logit soft-capping (Gemma), which drafters sharing its LM head apply too
+    # (DeepSpec's Gemma 4 compute_logits); None: plain logits.
+    logit_softcap: float | None = None
 
 
 def check_confidence_temperatures(temps: tuple[float, ...], block_size: int) -> None:
@@ -254,7 +258,7 @@ class DSparkModel(TargetSharingModel):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., output_size] fp32 logits over the drafter's output vocabulary."""
         weight = self.head_weight()
-        return (hidden.to(weight.dtype) @ weight.T).float()
+        return softcap((hidden.to(weight.dtype) @ weight.T).float(), self.config.target.logit_softcap)
 
     def to_token_ids(self, index: torch.Tensor) -> torch.Tensor:
         """Output indices -> token ids (the identity over the full vocabulary)."""

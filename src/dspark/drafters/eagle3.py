@@ -27,6 +27,7 @@ from dspark.drafters.dspark import (
 )
 from dspark.errors import DSparkError
 from dspark.models.kv_cache import KVCache, build_kv_cache, write_rows
+from dspark.models.gemma import softcap
 from dspark.models.llama import MLP, ModelArgs, RMSNorm, apply_rope, grouped_attention
 from dspark.sampling import logits_to_probs, sample_rows
 
@@ -105,7 +106,7 @@ class Eagle3Model(TargetSharingModel):
         return self.lm_logits(self.norm(hidden))
 
     def lm_logits(self, normed: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(normed.to(self.lm_head.weight.dtype)).float()
+        return softcap(self.lm_head(normed.to(self.lm_head.weight.dtype)).float(), self.config.target.logit_softcap)
 
     def forward_ttt(self, features: torch.Tensor, input_ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
         """Training-time test over whole sequences: features [B, S, L*H], input_ids [B, S].

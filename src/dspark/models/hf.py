@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dspark.errors import DSparkError
+from dspark.models.gemma import softcap
 from dspark.models.llama import ModelArgs, ModelOutput
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,11 @@ class HFCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
+    def logits_from(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final hidden states (the LM head's input), soft-capped where the model caps
+        (in the model's dtype, as transformers does)."""
+        return softcap(self.lm_head(final_hidden), self.logit_softcap).float()
+
     def build_cache(self, num_slots: int, max_seq_len: int, headroom: int) -> SlotCaches:
         return SlotCaches(num_slots, max_seq_len, headroom)
 
@@ -199,9 +205,6 @@ class HFCausalLM(nn.Module):
     ) -> ModelOutput:
         """Same contract as `Transformer.forward`; rows are run one at a time."""
         bsz, n = input_ids.shape
-        if not compute_logits and self.logit_softcap:
-            raise DSparkError(f"{self.args.architecture}: its logits are soft-capped after the LM head, so training "
-                              "cannot recompute them from final hidden states through transformers (not supported yet)")
         counts = [n] * bsz if num_new is None else [int(c) for c in num_new]
         bad = [i for i in hidden_layers if not -1 <= i < self.args.num_layers]
         if bad:

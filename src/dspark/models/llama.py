@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dspark.errors import DSparkError
-from dspark.models.kv_cache import KVCache, real_token_index
+from dspark.models.kv_cache import KVCache, build_kv_cache, real_token_index
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -136,11 +136,12 @@ SMALL_QUERY = 16
 
 
 def grouped_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
 ) -> torch.Tensor:
     """q [B, H, N, D]; k/v [B, Hkv, T, D]; mask [B, 1, N, T] bool or None -> [B, H, N, D].
 
-    Queries of the heads that share a KV head are stacked, so K/V are never repeated.
+    Queries of the heads that share a KV head are stacked, so K/V are never repeated. Scores are
+    scaled by `scale` (default D ** -0.5).
     """
     bsz, heads, n, dim = q.shape
     kv_heads = k.shape[1]
@@ -153,7 +154,7 @@ def grouped_attention(
     else:
         compute = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
         scores = torch.matmul(q.reshape(bsz, kv_heads, group * n, dim).to(compute), k.to(compute).transpose(-1, -2))
-    scores = scores.view(bsz, kv_heads, group, n, -1) * dim**-0.5
+    scores = scores.view(bsz, kv_heads, group, n, -1) * (dim**-0.5 if scale is None else scale)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(bsz, kv_heads, group * n, -1).to(compute)
@@ -216,32 +217,45 @@ class Attention(nn.Module):
         else:
             q = apply_rope(q.transpose(1, 2), ctx.cos, ctx.sin)
             k = apply_rope(k.transpose(1, 2), ctx.cos, ctx.sin)
-        v = v.transpose(1, 2)
-        keys, values = cache.keys[self.layer_id], cache.values[self.layer_id]
-        if ctx.write_range is not None:  # one row: a slice copy
-            slot, start, stop = ctx.write_range
-            keys[slot, :, start:stop] = k[0]
-            values[slot, :, start:stop] = v[0]
-        elif ctx.pack is None:  # write by position: [slot_b, :, pos_bi, :] <- k[b, :, i, :]
-            keys[ctx.slot_index, :, ctx.positions] = k.transpose(1, 2)
-            values[ctx.slot_index, :, ctx.positions] = v.transpose(1, 2)
-        else:  # real tokens only: a short row's padding could run past the buffer
-            keys[ctx.write_slots, :, ctx.write_positions] = ctx.pack_rows(k.transpose(1, 2))
-            values[ctx.write_slots, :, ctx.write_positions] = ctx.pack_rows(v.transpose(1, 2))
-        if ctx.slot_range is not None:  # contiguous slots: a view, no copy
-            k_all = keys[ctx.slot_range[0] : ctx.slot_range[1], :, : ctx.num_keys]
-            v_all = values[ctx.slot_range[0] : ctx.slot_range[1], :, : ctx.num_keys]
-        else:
-            k_all = keys[ctx.slots, :, : ctx.num_keys]
-            v_all = values[ctx.slots, :, : ctx.num_keys]
-        mask = ctx.masks[self.layer_id]
-        if n <= SMALL_QUERY:
-            out = grouped_attention(q, k_all, v_all, mask)
-        else:
-            causal = ctx.causal is not None and ctx.causal[self.layer_id]
-            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=causal,
-                                                 enable_gqa=kv_heads != heads)
+        out = cached_attention(q, k, v.transpose(1, 2), ctx, cache, self.layer_id)
         return self.o_proj(ctx.pack_rows(out.transpose(1, 2).reshape(bsz, n, heads * self.head_dim)))
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, ctx: "ForwardContext",
+                     cache: KVCache, layer_id: int, scale: float | None = None) -> torch.Tensor:
+    """Write the new tokens' k/v [B, Hkv, N, D] into layer `layer_id`'s cache at their positions, then
+    attend q [B, H, N, D] over the cached keys under that layer's mask -> [B, H, N, D]. k/v None:
+    the layer reads keys another layer wrote (KV sharing) and writes nothing."""
+    n = q.shape[2]
+    keys, values = cache.keys[layer_id], cache.values[layer_id]
+    if k is not None:  # None: KV sharing, the producing layer already wrote this forward's keys
+        write_kv(keys, values, k, v, ctx)
+    if ctx.slot_range is not None:  # contiguous slots: a view, no copy
+        k_all = keys[ctx.slot_range[0] : ctx.slot_range[1], :, : ctx.num_keys]
+        v_all = values[ctx.slot_range[0] : ctx.slot_range[1], :, : ctx.num_keys]
+    else:
+        k_all = keys[ctx.slots, :, : ctx.num_keys]
+        v_all = values[ctx.slots, :, : ctx.num_keys]
+    mask = ctx.masks[layer_id]
+    if n <= SMALL_QUERY:
+        return grouped_attention(q, k_all, v_all, mask, scale)
+    causal = ctx.causal is not None and ctx.causal[layer_id]
+    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=k_all.shape[1] != q.shape[1])
+
+
+def write_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: "ForwardContext") -> None:
+    """keys/values [S, Hkv, T, D] <- k/v [B, Hkv, N, D] at each row's slot and positions."""
+    if ctx.write_range is not None:  # one row: a slice copy
+        slot, start, stop = ctx.write_range
+        keys[slot, :, start:stop] = k[0]
+        values[slot, :, start:stop] = v[0]
+    elif ctx.pack is None:  # write by position: [slot_b, :, pos_bi, :] <- k[b, :, i, :]
+        keys[ctx.slot_index, :, ctx.positions] = k.transpose(1, 2)
+        values[ctx.slot_index, :, ctx.positions] = v.transpose(1, 2)
+    else:  # real tokens only: a short row's padding could run past the buffer
+        keys[ctx.write_slots, :, ctx.write_positions] = ctx.pack_rows(k.transpose(1, 2))
+        values[ctx.write_slots, :, ctx.write_positions] = ctx.pack_rows(v.transpose(1, 2))
 
 
 def _fuse(linears: tuple[nn.Linear, ...], attr: str) -> torch.Tensor:
@@ -311,6 +325,8 @@ class ForwardContext:
     pack: torch.Tensor | None = None
     write_slots: torch.Tensor | None = None
     write_positions: torch.Tensor | None = None
+    # RoPE cos/sin per layer type, for decoders whose layer types differ in RoPE (Gemma 4).
+    rope_by_type: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def pack_rows(self, t: torch.Tensor) -> torch.Tensor:
         """[B, N, ...] -> [T, ...] real tokens only (unchanged when nothing is packed)."""
@@ -334,6 +350,8 @@ class ModelOutput:
 
 class Transformer(nn.Module):
     """The decoder. Parameter names follow Hugging Face's, so safetensors load without renaming."""
+
+    logit_softcap: float | None = None  # cap * tanh(logits / cap) after the LM head (Gemma); None: none
 
     def __init__(self, args: ModelArgs, inv_freq: torch.Tensor, rope_scale: float = 1.0):
         super().__init__()
@@ -369,7 +387,7 @@ class Transformer(nn.Module):
         pack = real_token_index(None if num_new is None else num_new.to(positions.device), positions.shape[1])
         # Keys up to the last real position (padding may point past the buffer; it is never written).
         num_keys = int((positions if pack is None else positions.reshape(-1)[pack]).max()) + 1
-        cos, sin = rope_tables(positions, self.inv_freq, self.rope_scale, self.dtype)
+        cos, sin = self.rope(positions)
         slot_list = slots.tolist()
         contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
         key_pos = torch.arange(num_keys, device=positions.device)
@@ -407,6 +425,10 @@ class Transformer(nn.Module):
             write_positions=None if pack is None else positions.reshape(-1)[pack],
         )
 
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, N, D] of the decoder's RoPE at these positions."""
+        return rope_tables(positions, self.inv_freq, self.rope_scale, self.dtype)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -429,13 +451,8 @@ class Transformer(nn.Module):
         """
         ctx = self.build_context(positions, slots, cache, num_new)
         # Ragged rows (num_new): every per-token layer runs on the real tokens only (packed).
-        x = self.model.embed_tokens(ctx.pack_rows(input_ids))
-        wanted = set(hidden_layers)
-        captured: dict[int, torch.Tensor] = {-1: x} if -1 in wanted else {}
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, ctx, cache)
-            if i in wanted:
-                captured[i] = x
+        captured: dict[int, torch.Tensor] = {}
+        x = self.run_layers(ctx.pack_rows(input_ids), ctx, cache, set(hidden_layers), captured)
         x = self.model.norm(x)
         if last_only:
             if ctx.pack is not None:
@@ -449,5 +466,27 @@ class Transformer(nn.Module):
         hidden = ctx.unpack(torch.cat([captured[i] for i in hidden_layers], dim=-1)) if hidden_layers else None
         if not compute_logits:
             return ModelOutput(logits=None, hidden_states=hidden, final_hidden=x)
-        logits = self.lm_head(x).float()
+        logits = self.logits_from(x)
         return ModelOutput(logits=logits if last_only else ctx.unpack(logits), hidden_states=hidden)
+
+    def run_layers(self, input_ids: torch.Tensor, ctx: ForwardContext, cache: KVCache, wanted: set[int],
+                   captured: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Embedding and decoder layers over the (packed) tokens; outputs of the `wanted` layers go
+        into `captured` (-1: the embedding output). Returns the last layer's output, before the norm."""
+        x = self.model.embed_tokens(input_ids)
+        if -1 in wanted:
+            captured[-1] = x
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, ctx, cache)
+            if i in wanted:
+                captured[i] = x
+        return x
+
+    def logits_from(self, final_hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of final normed hidden states (what training recomputes from them)."""
+        return self.lm_head(final_hidden).float()
+
+    def build_cache(self, num_slots: int, max_seq_len: int, headroom: int = 16) -> KVCache:
+        args = self.args
+        return build_kv_cache(args.num_layers, num_slots, max_seq_len, args.num_kv_heads, args.head_dim,
+                              self.dtype, self.device, headroom=headroom)

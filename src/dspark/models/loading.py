@@ -22,7 +22,12 @@ from pathlib import Path
 import torch
 
 from dspark.errors import DSparkError
-from dspark.models.llama import Transformer, model_args_from_hf_config, rope_inv_freq
+from dspark.models.hf import drafter_rope
+from dspark.models.gemma import (GEMMA_ARCHITECTURES, GemmaTransformer, gemma_args_from_hf_config, gemma_rope,
+                                 gemma_state_dict, gemma_unsupported)
+from dspark.models.llama import SUPPORTED_ARCHITECTURES, Transformer, model_args_from_hf_config, rope_inv_freq
+
+NATIVE_ARCHITECTURES = SUPPORTED_ARCHITECTURES + GEMMA_ARCHITECTURES
 
 CONVERSION_FORMAT = 1  # bump when the cached folder layout changes
 
@@ -160,6 +165,31 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def no_native_decoder(config) -> str | None:
+    """Why this config has no native decoder (None: it has one)."""
+    if config.model_type not in NATIVE_ARCHITECTURES:
+        return f"architecture {config.model_type!r} has no native decoder (native: {', '.join(NATIVE_ARCHITECTURES)})"
+    if config.model_type in GEMMA_ARCHITECTURES and (reason := gemma_unsupported(config)):
+        return f"the native Gemma 4 decoder does not run {reason}"
+    return None
+
+
+def build_native_model(config) -> tuple[Transformer, torch.Tensor]:
+    """The native decoder for a config, on the meta device, and its RoPE inverse frequencies."""
+    if config.model_type in GEMMA_ARCHITECTURES:
+        args, gemma = gemma_args_from_hf_config(config)
+        inv_freq, rope_scale = drafter_rope(config, args.head_dim)
+        rope = gemma_rope(config)
+        with torch.device("meta"):
+            model = GemmaTransformer(args, gemma, rope, torch.zeros_like(inv_freq, device="meta"), rope_scale)
+        return model, inv_freq
+    args = model_args_from_hf_config(config)
+    inv_freq, rope_scale = rope_inv_freq(config)
+    with torch.device("meta"):
+        model = Transformer(args, torch.zeros_like(inv_freq, device="meta"), rope_scale)
+    return model, inv_freq
+
+
 def load_native_model(
     model_dir: Path, dtype: torch.dtype, device: str = "cpu", fuse: bool = True
 ) -> tuple[Transformer, object]:
@@ -168,11 +198,11 @@ def load_native_model(
     With `fuse`, q/k/v and gate/up matmuls are fused (faster; the parameters stay addressable by name).
     """
     config = load_hf_config(model_dir)
-    args = model_args_from_hf_config(config)
-    inv_freq, rope_scale = rope_inv_freq(config)
-    with torch.device("meta"):
-        model = Transformer(args, torch.zeros_like(inv_freq, device="meta"), rope_scale)
+    model, inv_freq = build_native_model(config)
+    args = model.args
     state = _read_safetensors(model_dir)
+    if config.model_type in GEMMA_ARCHITECTURES:
+        state = gemma_state_dict(state, model.gemma)
     if args.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     expected = {k for k in model.state_dict() if not (args.tie_word_embeddings and k == "lm_head.weight")}

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from dspark.config import torch_dtype
-from dspark.models.kv_cache import KVCache, build_kv_cache
-from dspark.models.llama import SUPPORTED_ARCHITECTURES, Transformer
-from dspark.models.loading import load_hf_config, load_native_model, resolve_model_dir, weights_fingerprint
+from dspark.models.kv_cache import KVCache
+from dspark.models.llama import Transformer
+from dspark.models.loading import load_hf_config, load_native_model, no_native_decoder, resolve_model_dir, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,11 @@ class LoadedModel:
         return self.model.args.vocab_size
 
     @property
+    def logit_softcap(self) -> float | None:
+        """Final-logit soft-capping (Gemma): logits = cap * tanh(head(h) / cap); None: plain logits."""
+        return self.model.logit_softcap
+
+    @property
     def max_position_embeddings(self) -> int:
         return self.model.args.max_position_embeddings
 
@@ -50,14 +55,8 @@ class LoadedModel:
         """"native" (dspark's own decoder) or "transformers" (any causal LM, slower)."""
         return "native" if isinstance(self.model, Transformer) else "transformers"
 
-    def build_cache(self, num_slots: int, max_seq_len: int, headroom: int) -> KVCache:
-        if self.implementation != "native":
-            return self.model.build_cache(num_slots, max_seq_len, headroom)
-        args = self.model.args
-        return build_kv_cache(
-            args.num_layers, num_slots, max_seq_len, args.num_kv_heads, args.head_dim,
-            self.model.dtype, self.model.device, headroom=headroom,
-        )
+    def build_cache(self, num_slots: int, max_seq_len: int, headroom: int = 16) -> KVCache:
+        return self.model.build_cache(num_slots, max_seq_len, headroom)
 
 
 def eos_ids_of(model_dir: Path, hf_config) -> tuple[int, ...]:
@@ -81,18 +80,17 @@ def eos_ids_of(model_dir: Path, hf_config) -> tuple[int, ...]:
 def load_model(spec: str, dtype: str = "bf16", with_tokenizer: bool = True) -> LoadedModel:
     """Resolve a spec (builtin name, .gguf file, HF folder) and load it on the CPU.
 
-    Architectures with a native decoder (Llama family) get it; any other causal LM runs through
+    Architectures with a native decoder (Llama family, Gemma 4) get it; any other causal LM runs through
     transformers (slower), with a one-line notice. `transformers:SPEC` asks for transformers
     explicitly (e.g. to compare both, or to sidestep a native-decoder problem)."""
     forced = spec.startswith(TRANSFORMERS_PREFIX)
     model_dir = resolve_model_dir(spec.removeprefix(TRANSFORMERS_PREFIX) if forced else spec)
-    model_type = load_hf_config(model_dir).model_type
-    if forced or model_type not in SUPPORTED_ARCHITECTURES:
+    reason = no_native_decoder(load_hf_config(model_dir))
+    if forced or reason:
         from dspark.models.hf import load_hf_causal_lm
 
         if not forced:
-            log.warning("%s: architecture %r has no native decoder (native: %s); running it through "
-                        "transformers, slower", spec, model_type, ", ".join(SUPPORTED_ARCHITECTURES))
+            log.warning("%s: %s; running it through transformers, slower", spec, reason)
         model = load_hf_causal_lm(model_dir, torch_dtype(dtype))
         hf_config = model.hf.config
     else:
@@ -109,11 +107,10 @@ def load_model(spec: str, dtype: str = "bf16", with_tokenizer: bool = True) -> L
 def reference_greedy(model: Transformer, prompt_ids: list[int], num_tokens: int) -> list[int]:
     """Plain greedy decoding by full forwards over the whole sequence (no cache reuse): the slow
     reference every speculative path must reproduce token for token."""
-    args = model.args
     ids = list(prompt_ids)
     out: list[int] = []
     for _ in range(num_tokens):
-        cache = build_kv_cache(args.num_layers, 1, len(ids), args.num_kv_heads, args.head_dim, model.dtype, headroom=0)
+        cache = model.build_cache(1, len(ids), headroom=0)
         logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], torch.tensor([0]), cache, last_only=True).logits
         token = int(logits[0, -1].argmax())
         out.append(token)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dspark.models.gemma import softcap
+
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -70,20 +72,22 @@ def position_weights(block_size: int, gamma: float) -> torch.Tensor:
 
 @torch.autocast("cpu", enabled=False)
 @torch.autocast("cuda", enabled=False)
-def _chunk_terms(hidden, head_feats, target_hidden, labels, head_w, w2, target_lse, matmul_dtype=torch.float32):
+def _chunk_terms(hidden, head_feats, target_hidden, labels, head_w, w2, target_lse, matmul_dtype=torch.float32,
+                 cap=None):
     """Per-row CE and L1 for one chunk of rows; vocabulary-sized tensors live only here. The
     products run in matmul_dtype (bf16 where the hardware has native bf16 units and training
     autocasts), logits and everything after them in fp32. target_lse None: head_w is the full LM
     head and the target's softmax is taken over it; else the target's log-normaliser per row
-    (head_w a draft vocabulary's rows)."""
+    (head_w a draft vocabulary's rows). cap: the target's final-logit soft-capping, applied to the
+    target's logits and to the draft's base logits before the sequential head's bias (DeepSpec)."""
     md = matmul_dtype
     head = head_w.to(md)
-    logits = (hidden.to(md) @ head.T).float()
+    logits = softcap((hidden.to(md) @ head.T).float(), cap)
     if head_feats is not None:
         logits = logits + (head_feats.to(md) @ w2.to(md).T).float()
     log_draft = torch.log_softmax(logits, dim=-1)
     with torch.no_grad():
-        target_logits = (target_hidden.to(md) @ head.T).float()
+        target_logits = softcap((target_hidden.to(md) @ head.T).float(), cap)
         if target_lse is None:
             target, outside = torch.softmax(target_logits, dim=-1), None
         else:
@@ -98,13 +102,13 @@ def _chunk_terms(hidden, head_feats, target_hidden, labels, head_w, w2, target_l
 
 @torch.no_grad()
 def log_normalizer(hidden: torch.Tensor, lm_head_w: torch.Tensor, chunk_rows: int = 256,
-                   matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[S, H] final hidden states -> [S] fp32 logsumexp of the target's logits (chunked over rows;
-    the product in matmul_dtype, the sum in fp32)."""
+                   matmul_dtype: torch.dtype = torch.float32, cap: float | None = None) -> torch.Tensor:
+    """[S, H] final hidden states -> [S] fp32 logsumexp of the target's (soft-capped) logits
+    (chunked over rows; the product in matmul_dtype, the sum in fp32)."""
     out = torch.empty(hidden.shape[0], dtype=torch.float32)
     head = lm_head_w.to(matmul_dtype)
     for start in range(0, hidden.shape[0], chunk_rows):
-        logits = (hidden[start : start + chunk_rows].to(matmul_dtype) @ head.T).float()
+        logits = softcap((hidden[start : start + chunk_rows].to(matmul_dtype) @ head.T).float(), cap)
         out[start : start + chunk_rows] = torch.logsumexp(logits, -1)
     return out
 
@@ -123,6 +127,7 @@ def dspark_loss(
     target_lse: torch.Tensor | None = None,
     recompute: bool = False,
     matmul_dtype: torch.dtype = torch.float32,
+    cap: float | None = None,
 ) -> LossOutput:
     """Rows are supervised slots: hidden [M, H] (draft, normed), head_feats [M, R] or None (the
     sequential head's rank-R features; its logit bias is w2 @ feats), conf_logits [M] or None,
@@ -130,13 +135,14 @@ def dspark_loss(
     the drafter's output vocabulary; -1 = outside it), weights [M] (position weights), lm_head_w
     [V', H] fp32 frozen (the LM head, or a draft vocabulary's rows of it), w2 [V', R] or None,
     target_lse [M] (the target's full-vocabulary log-normaliser; required with a draft vocabulary),
-    matmul_dtype: precision of the vocabulary-sized products (fp32 default; bf16 under autocast)."""
+    matmul_dtype: precision of the vocabulary-sized products (fp32 default; bf16 under autocast),
+    cap: the target's final-logit soft-capping (Gemma) or None."""
     ces, l1s = [], []
     step = chunk_rows if recompute else max(hidden.shape[0], 1)
     for start in range(0, hidden.shape[0], step):
         sl = slice(start, start + step)
         args = (hidden[sl], head_feats[sl] if head_feats is not None else None, target_hidden[sl], labels[sl],
-                lm_head_w, w2, None if target_lse is None else target_lse[sl], matmul_dtype)
+                lm_head_w, w2, None if target_lse is None else target_lse[sl], matmul_dtype, cap)
         if recompute and torch.is_grad_enabled():
             ce, l1 = checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:
@@ -172,11 +178,12 @@ def expected_accept_length(acceptance: torch.Tensor, label_mask: torch.Tensor) -
 
 @torch.autocast("cpu", enabled=False)
 @torch.autocast("cuda", enabled=False)
-def _soft_terms(hidden, target_hidden, lm_head_w):
-    """Per-row soft cross-entropy -sum p_t log q and L1 |q - p_t| for one chunk of rows."""
-    log_draft = torch.log_softmax(hidden.float() @ lm_head_w.T, dim=-1)
+def _soft_terms(hidden, target_hidden, lm_head_w, cap=None):
+    """Per-row soft cross-entropy -sum p_t log q and L1 |q - p_t| for one chunk of rows (logits
+    soft-capped by cap where the target caps its own)."""
+    log_draft = torch.log_softmax(softcap(hidden.float() @ lm_head_w.T, cap), dim=-1)
     with torch.no_grad():
-        target = torch.softmax(target_hidden.float() @ lm_head_w.T, dim=-1)
+        target = torch.softmax(softcap(target_hidden.float() @ lm_head_w.T, cap), dim=-1)
     return -(target * log_draft).sum(-1), (log_draft.exp() - target).abs().sum(-1)
 
 
@@ -200,7 +207,7 @@ def eagle3_rows(loss_mask: torch.Tensor, steps: int) -> list[torch.Tensor]:
 
 def eagle3_loss(
     step_hidden: list[torch.Tensor], final_hidden: torch.Tensor, loss_mask: torch.Tensor, lm_head_w: torch.Tensor,
-    lw: LossWeights, chunk_rows: int = 128,
+    lw: LossWeights, chunk_rows: int = 128, cap: float | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Eagle3's training-time-test loss, as DeepSpec's compute_eagle3_loss: the rows of
     `eagle3_rows`, soft cross-entropy against the target's distribution at t + 1 + k, each step's
@@ -220,7 +227,7 @@ def eagle3_loss(
         ces, l1s = [], []
         for start in range(0, rows.numel(), chunk_rows):
             r = rows[start : start + chunk_rows]
-            args = (hidden[r], final_hidden[r + 1 + k], lm_head_w)
+            args = (hidden[r], final_hidden[r + 1 + k], lm_head_w, cap)
             ce, l1 = checkpoint(_soft_terms, *args, use_reentrant=False) if torch.is_grad_enabled() else _soft_terms(*args)
             ces.append(ce)
             l1s.append(l1)

@@ -247,7 +247,8 @@ def block_loss(model: DSparkModel, blocks: Blocks, features: torch.Tensor, final
                        final_hidden[positions], labels, weights, lm_head_w,
                        head.markov_w2.weight if head is not None else None, cfg.loss,
                        target_lse=None if target_lse is None else target_lse[positions],
-                       recompute=cfg.recompute_logits, matmul_dtype=matmul_dtype)
+                       recompute=cfg.recompute_logits, matmul_dtype=matmul_dtype,
+                       cap=model.config.target.logit_softcap)
 
 
 def summed_over_processes(weights: torch.Tensor, world: int) -> torch.Tensor:
@@ -414,7 +415,8 @@ class Trainer:
         if self.label_index is None:
             lse = None
         elif lse is None:
-            lse = log_normalizer(final_hidden, self.lse_head_w, matmul_dtype=self.matmul_dtype)
+            lse = log_normalizer(final_hidden, self.lse_head_w, matmul_dtype=self.matmul_dtype,
+                                 cap=self.target.logit_softcap)
         return input_ids, loss_mask, features, final_hidden, lse
 
     def _sequence_loss(self, input_ids, loss_mask, features, final_hidden, target_lse=None):
@@ -424,7 +426,8 @@ class Trainer:
         cfg, model = self.cfg, self.model
         if cfg.arch == "eagle3":
             steps = model.forward_ttt(features[None], input_ids[None], steps=model.config.block_size)
-            loss, accepts = eagle3_loss([h[0] for h in steps], final_hidden, loss_mask, self.lm_head_w, cfg.loss)
+            loss, accepts = eagle3_loss([h[0] for h in steps], final_hidden, loss_mask, self.lm_head_w, cfg.loss,
+                                        cap=self.target.logit_softcap)
             if not loss.requires_grad:
                 return None
             means = [float(a.mean()) if a.numel() else 0.0 for a in accepts]
