@@ -13,6 +13,7 @@ from dspark.drafters.simple import NgramDrafter, NoDrafter
 from dspark.engine.engine import Engine, Request
 from dspark.models.gemma import GemmaTransformer
 from dspark.models.loading import load_native_model
+from dspark.drafters.checkpoint import load_drafter
 from dspark.models.target import load_model, reference_greedy
 from tests.conftest import hf_model, save_word_tokenizer
 from tests.test_models import forward, ragged_batch
@@ -264,3 +265,131 @@ def test_a_drafter_for_a_gemma4_target_trains_saves_and_loads(gemma_target, tmp_
     outs = engine.generate([Request(p, stop=s) for p, s in zip(PROMPTS[:2], stop)])
     for prompt, m, out in zip(PROMPTS, MAX_NEW, outs):
         assert out.token_ids == reference_greedy(target.model, prompt, m)
+
+
+@pytest.mark.parametrize("name", ["test_inference_block_equals_teacher_forced_block",
+                                  "test_eagle3_training_time_test_matches_inference_chain"])
+def test_training_and_inference_paths_of_gemma_draft_layers_agree(gemma_target, name):
+    """DeepSpec's Gemma 4 draft layers (DSpark and Eagle3): the teacher-forced training forward and
+    the cached inference round give the same drafts."""
+    import tests.test_drafters as drafter_tests
+
+    assert gemma_target.model.args.layer_style == "gemma4"
+    getattr(drafter_tests, name)(gemma_target)
+
+
+def test_gemma_draft_layers_follow_deepspec_geometry_and_names(tmp_path):
+    """Global head dim, one KV head and no v_proj where keys are values, Gemma's norm set and layer
+    scalar, and DeepSpec's parameter names."""
+    from tests.test_drafters import make
+
+    target = load_model(str(save_gemma(tmp_path / "k", "k-eq-v")), "fp32")
+    names = set(make("dspark-vanilla", target).model.state_dict())
+    assert {"layers.0.self_attn.q_proj.weight", "layers.0.self_attn.k_norm.weight", "layers.0.layer_scalar",
+            "layers.0.pre_feedforward_layernorm.weight", "layers.0.post_feedforward_layernorm.weight"} <= names
+    assert "layers.0.self_attn.v_proj.weight" not in names
+    model = make("dspark-vanilla", target).model
+    assert model.layers[0].self_attn.k_proj.weight.shape == (16, 32)  # 1 KV head x global head dim 16
+    eagle = make("eagle3", target).model
+    assert eagle.layers[0].self_attn.v_proj is None and eagle.layers[0].self_attn.q_proj.weight.shape == (64, 64)
+
+
+# ------------------------------------------------------------------------ DeepSpec layout export
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def gemma_fp32(request, tmp_path_factory):
+    return load_model(str(save_gemma(tmp_path_factory.mktemp("e" + request.param), request.param)), "fp32")
+
+
+def gemma_draft_shapes(cfg: dict, eagle3: bool) -> dict[str, tuple[int, ...]]:
+    """DeepSpec's Gemma4DSparkModel / Gemma4Eagle3Model names and shapes (modeling/{dspark,eagle3}/
+    gemma4/modeling.py), from config.json alone."""
+    h, v, inter, d = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"], cfg["global_head_dim"]
+    kv = cfg["num_global_key_value_heads"] if cfg["attention_k_eq_v"] else cfg["num_key_value_heads"]
+    width = 2 * h if eagle3 else h
+    layer = {"self_attn.q_proj.weight": (cfg["num_attention_heads"] * d, width), "self_attn.k_proj.weight": (kv * d, width),
+             "self_attn.o_proj.weight": (h, cfg["num_attention_heads"] * d), "self_attn.q_norm.weight": (d,),
+             "self_attn.k_norm.weight": (d,), "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h),
+             "mlp.down_proj.weight": (h, inter), "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+             "pre_feedforward_layernorm.weight": (h,), "post_feedforward_layernorm.weight": (h,), "layer_scalar": (1,)}
+    if not cfg["attention_k_eq_v"]:
+        layer["self_attn.v_proj.weight"] = (kv * d, width)
+    if eagle3:
+        layer["hidden_norm.weight"] = (h,)
+    out = {"embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "norm.weight": (h,),
+           "fc.weight": (h, h * len(cfg["target_layer_ids"]))}
+    out.update({f"layers.{i}.{k}": s for i in range(cfg["num_hidden_layers"]) for k, s in layer.items()})
+    if not eagle3:
+        out["hidden_norm.weight"] = (h,)
+        r = cfg["markov_rank"]
+        if r:
+            out.update({"markov_head.markov_w1.weight": (v, r), "markov_head.markov_w2.weight": (v, r)})
+        if cfg["enable_confidence_head"]:
+            out.update({"confidence_head.proj.weight": (1, h + r), "confidence_head.proj.bias": (1,)})
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dspark-vanilla", "dflash", "eagle3"])
+def test_gemma4_drafters_export_to_deepspecs_layout_and_import_back(gemma_fp32, tmp_path, kind):
+    from tests.test_drafters import _requests, _start
+    from tests.test_export import export, read_export, saved_drafter
+
+    target = gemma_fp32
+    overrides = {"block_size": 3} if kind == "eagle3" else {}
+    folder, _ = saved_drafter(tmp_path, target, kind, **overrides) if kind != "eagle3" else _saved_eagle3(tmp_path, target)
+    out = export(folder, target, tmp_path / "out")
+    cfg, state = read_export(out)
+    assert cfg["architectures"] == ["Gemma4Eagle3Model" if kind == "eagle3" else "Gemma4DSparkModel"]
+    assert cfg["model_type"] == "gemma4_text" and cfg["hidden_size_per_layer_input"] == 0
+    assert cfg["global_head_dim"] == 16 and cfg["layer_types"] == ["full_attention"] * cfg["num_hidden_layers"]
+    assert {k: tuple(t.shape) for k, t in state.items()} == gemma_draft_shapes(cfg, kind == "eagle3")
+    assert all(t.dtype == torch.bfloat16 for t in state.values())
+    assert "do not serve" in (out / "README.md").read_text()
+    source, loaded = load_drafter(folder, target), load_drafter(out, target)
+    assert loaded.model.config.target.logit_softcap == 30.0
+    prompts = [p[:6] for p in PROMPTS]
+    for d in (source, loaded):
+        _start(d, target, prompts)
+    for pa, pb in zip(source.propose(_requests(target, enumerate(prompts), 3)),
+                      loaded.propose(_requests(target, enumerate(prompts), 3))):
+        assert torch.equal(pa.tokens, pb.tokens) and torch.equal(pa.draft_probs, pb.draft_probs)
+
+
+def _saved_eagle3(root, target):
+    from dspark.drafters.checkpoint import save_drafter
+    from tests.test_drafters import make
+
+    model = make("eagle3", target, seed=2, block_size=3).model
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.copy_(tensor.to(torch.bfloat16))
+    return save_drafter(model, root / "src-eagle3"), model
+
+
+def test_gemma4_export_to_the_speculators_format_is_refused(gemma_fp32, tmp_path):
+    from dspark.errors import DSparkError
+    from tests.test_export import export, saved_drafter
+
+    folder, _ = saved_drafter(tmp_path, gemma_fp32, "dspark-vanilla")
+    with pytest.raises(DSparkError, match="do not serve DSpark drafters for Gemma 4"):
+        export(folder, gemma_fp32, tmp_path / "out", fmt="speculators")
+    assert not (tmp_path / "out").exists()
+
+
+def test_dspark_generate_runs_a_gemma4_folder_natively_with_a_trained_drafter_folder(capsys, tmp_path):
+    """`dspark generate --target <gemma4 folder> --drafter <folder>`: the same tokens as plain decoding."""
+    from dspark.cli import main
+    from dspark.drafters.checkpoint import save_drafter
+    from tests.test_cli import json_lines
+    from tests.test_drafters import make
+
+    folder = save_gemma(tmp_path / "g", "k-eq-v")
+    drafter = save_drafter(make("dspark-vanilla", load_model(str(folder), "fp32")).model, tmp_path / "d")
+    runs = []
+    for choice in (str(drafter), "none"):
+        code = main(["generate", "--target", str(folder), "--drafter", choice, "--policy", "fixed", "--prompt",
+                     "w5 w6 w7 w5 w6", "--max-new-tokens", "8", "--dtype", "fp32", "--json"])
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert "transformers" not in out.err  # native: no fallback notice
+        runs.append(json_lines(out.out)[0]["token_ids"])
+    assert runs[0] == runs[1] and len(runs[0]) > 0

@@ -47,6 +47,14 @@ def parse_overrides(pairs: list[str]) -> dict:
     return out
 
 
+def default_mask_token_id(target: LoadedModel) -> int:
+    """The tokenizer's mask token where it declares one (Gemma's <mask>, which DeepSpec's Gemma 4
+    configs use), else the last vocabulary row: a fixed embedding row, as DeepSpec's unused Qwen3 id."""
+    mask = getattr(target.tokenizer, "mask_token_id", None)
+    vocab = target.model.args.vocab_size
+    return int(mask) if isinstance(mask, int) and 0 <= mask < vocab else vocab - 1
+
+
 def new_dspark_config(target: LoadedModel, arch: str = "dspark", overrides: dict | None = None) -> DSparkConfig:
     """Config of a fresh DSpark (or DFlash) drafter for this target."""
     if arch not in ("dspark", "dflash"):
@@ -56,7 +64,7 @@ def new_dspark_config(target: LoadedModel, arch: str = "dspark", overrides: dict
     base = dict(
         target=target_spec_of(target),
         target_layer_ids=default_target_layer_ids(targs.num_layers),
-        mask_token_id=targs.vocab_size - 1,  # a fixed embedding row; DeepSpec also uses an unused id
+        mask_token_id=default_mask_token_id(target),
         layer_args=dataclasses.replace(targs, num_layers=1, sliding_windows=(None,)),
         arch=arch,
     )

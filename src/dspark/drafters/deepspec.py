@@ -1,6 +1,9 @@
 """Import DeepSpec drafter checkpoints (DeepSeek's released `dspark_*` / `dflash_*` / `eagle3_*` folders).
 
-Their config.json is the target's Qwen3 config with drafter fields added. DSpark and DFlash:
+Their config.json is the target's Qwen3 (or Gemma 4 text) config with drafter fields added; Gemma 4
+folders name `Gemma4DSparkModel` / `Gemma4Eagle3Model` and hold Gemma draft layers of the target's
+global-attention geometry (`global_head_dim`, `num_global_key_value_heads` where
+`attention_k_eq_v`). DSpark and DFlash:
 `architectures: ["Qwen3DSparkModel"]`, `num_target_layers`, `num_hidden_layers` = draft layers,
 `block_size`, `mask_token_id`, `target_layer_ids` (0-based layer outputs; -1 the embedding output),
 `num_anchors`, `markov_rank`, `markov_head_type`, `enable_confidence_head`,
@@ -27,8 +30,8 @@ from dspark.drafters.eagle3 import Eagle3Config, build_eagle3_model
 from dspark.errors import DSparkError
 from dspark.models.target import LoadedModel
 
-DEEPSPEC_ARCHITECTURES = ("Qwen3DSparkModel",)
-DEEPSPEC_EAGLE3_ARCHITECTURES = ("Qwen3Eagle3Model", "Eagle3DraftModel")
+DEEPSPEC_ARCHITECTURES = ("Qwen3DSparkModel", "Gemma4DSparkModel")
+DEEPSPEC_EAGLE3_ARCHITECTURES = ("Qwen3Eagle3Model", "Eagle3DraftModel", "Gemma4Eagle3Model")
 SHARED_KEYS = ("embed_tokens.weight", "lm_head.weight")
 
 
@@ -58,12 +61,18 @@ def _target_spec(raw: dict, target: LoadedModel) -> TargetSpec:
         "num_key_value_heads": ("num_kv_heads", raw.get("num_key_value_heads")),
         "intermediate_size": ("intermediate_size", raw.get("intermediate_size")),
     }
+    if targs.layer_style == "gemma4":  # Gemma 4 draft layers take the global layers' geometry
+        kv_key = "num_global_key_value_heads" if raw.get("attention_k_eq_v") else "num_key_value_heads"
+        geometry["num_key_value_heads"] = ("num_kv_heads", raw.get(kv_key))
+        geometry["global_head_dim"] = ("head_dim", raw.get("global_head_dim"))
+        geometry["attention_k_eq_v"] = ("k_eq_v", raw.get("attention_k_eq_v"))
     for field_name, (arg, value) in geometry.items():
         if value is not None and value != getattr(targs, arg):
             raise DSparkError(
                 f"DeepSpec drafter has {field_name} {value!r}, but target {target.spec!r} has {getattr(targs, arg)!r}"
             )
-    return TargetSpec(targs.architecture, targs.hidden_size, targs.vocab_size, targs.num_layers, None)
+    return TargetSpec(targs.architecture, targs.hidden_size, targs.vocab_size, targs.num_layers, None,
+                      target.logit_softcap)
 
 
 def deepspec_to_config(raw: dict, target: LoadedModel) -> DSparkConfig:

@@ -25,7 +25,7 @@ from dspark.drafters.base import DraftRequest, Proposal, empty_proposal
 from dspark.drafters.heads import HEAD_TYPES, ConfidenceHead, build_sequential_head
 from dspark.errors import DSparkError
 from dspark.models.kv_cache import KVCache, build_kv_cache, write_rows
-from dspark.models.gemma import softcap
+from dspark.models.gemma import GemmaArgs, GemmaDecoderLayer, GemmaLayerArgs, GemmaRMSNorm, softcap
 from dspark.models.llama import DecoderLayer, ModelArgs, RMSNorm, apply_rope, grouped_attention, rope_tables
 from dspark.sampling import logits_to_probs, sample_rows
 
@@ -157,6 +157,50 @@ class DraftLayer(DecoderLayer):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class GemmaDraftLayer(GemmaDecoderLayer):
+    """DeepSpec's Gemma 4 draft layer (Gemma4DSparkDecoderLayer), run with KV injection: Gemma 4's
+    sandwich norms and layer scalar, q/k norms, a weightless v norm, attention scaling 1, keys as
+    values where the target's global layers have them; the context keys are k-normed and rotated
+    like the block's."""
+
+    def __init__(self, args: ModelArgs, layer_id: int):
+        spec = GemmaLayerArgs("full_attention", args.head_dim, args.num_kv_heads, args.k_eq_v, 0, args.intermediate_size)
+        super().__init__(GemmaArgs((spec,), args.hidden_size, args.num_heads, args.rms_norm_eps, None, 0, 0), 0)
+
+    def _kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> rotated, normed keys and normed values [B, Hkv, T, D]."""
+        attn = self.self_attn
+        bsz, t, _ = x.shape
+        k = attn.k_proj(x).view(bsz, t, attn.num_kv_heads, attn.head_dim)
+        v = k if attn.v_proj is None else attn.v_proj(x).view(bsz, t, attn.num_kv_heads, attn.head_dim)
+        return apply_rope(attn.k_norm(k).transpose(1, 2), cos, sin), attn.v_norm(v).transpose(1, 2)
+
+    def context_kv(self, ctx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._kv(ctx, cos, sin)
+
+    def forward(self, h, cos, sin, ctx_k, ctx_v, mask):
+        attn = self.self_attn
+        bsz, q_len, _ = h.shape
+        h_in = self.input_layernorm(h)
+        q = attn.q_norm(attn.q_proj(h_in).view(bsz, q_len, attn.num_heads, attn.head_dim))
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k, v = self._kv(h_in, cos, sin)
+        out = grouped_attention(q, torch.cat([ctx_k, k], dim=2), torch.cat([ctx_v, v], dim=2), mask, scale=1.0)
+        h = h + self.post_attention_layernorm(attn.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1)))
+        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        return h * self.layer_scalar
+
+
+DRAFT_LAYERS = {"llama": DraftLayer, "gemma4": GemmaDraftLayer}
+
+
+def draft_norm(args: ModelArgs) -> nn.Module:
+    """The RMSNorm of the target family's draft layers (Gemma 4's computes in fp32)."""
+    if args.layer_style == "gemma4":
+        return GemmaRMSNorm(args.hidden_size, args.rms_norm_eps)
+    return RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
 class TargetSharingModel(nn.Module):
     """A drafter's trainable weights plus references to the target's embedding, LM head and RoPE.
 
@@ -191,10 +235,12 @@ class DSparkModel(TargetSharingModel):
         self.config = config
         args = config.layer_args
         hidden = args.hidden_size
-        self.layers = nn.ModuleList(DraftLayer(args, i) for i in range(config.num_draft_layers))
+        if args.layer_style not in DRAFT_LAYERS:
+            raise DSparkError(f"draft layer style {args.layer_style!r} is not one of {', '.join(DRAFT_LAYERS)}")
+        self.layers = nn.ModuleList(DRAFT_LAYERS[args.layer_style](args, i) for i in range(config.num_draft_layers))
         self.fc = nn.Linear(len(config.target_layer_ids) * hidden, hidden, bias=False)
-        self.hidden_norm = RMSNorm(hidden, args.rms_norm_eps)
-        self.norm = RMSNorm(hidden, args.rms_norm_eps)
+        self.hidden_norm = draft_norm(args)
+        self.norm = draft_norm(args)
         self.markov_head = build_sequential_head(config.markov_head_type, args.vocab_size, hidden, config.markov_rank,
                                                  out_size=config.output_size)
         if config.draft_vocab_size:  # output index -> token id; filled from the training answers

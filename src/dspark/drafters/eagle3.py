@@ -23,11 +23,11 @@ from torch import nn
 from dspark.drafters.base import DraftRequest, Proposal, empty_proposal
 from dspark.drafters.building import build_sharing_model, target_spec_of
 from dspark.drafters.dspark import (
-    TargetSharingModel, TargetSpec, check_target_layer_ids, config_fields_from_json, default_target_layer_ids,
+    TargetSharingModel, TargetSpec, check_target_layer_ids, config_fields_from_json, default_target_layer_ids, draft_norm,
 )
 from dspark.errors import DSparkError
 from dspark.models.kv_cache import KVCache, build_kv_cache, write_rows
-from dspark.models.gemma import softcap
+from dspark.models.gemma import GemmaMLP, GemmaRMSNorm, softcap
 from dspark.models.llama import MLP, ModelArgs, RMSNorm, apply_rope, grouped_attention
 from dspark.sampling import logits_to_probs, sample_rows
 
@@ -51,6 +51,8 @@ def eagle3_config_from_json(raw: dict) -> Eagle3Config:
 
 
 class Eagle3Attention(nn.Module):
+    scale: float | None = None  # attention scaling (None: head_dim ** -0.5)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
@@ -91,6 +93,54 @@ class Eagle3Layer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class GemmaEagle3Attention(Eagle3Attention):
+    """DeepSpec's Gemma 4 Eagle3 attention: q/k norms and a weightless v norm, keys as values where
+    the target's global layers have them, attention scaling 1, over [embedding ; hidden] (2H)."""
+
+    scale = 1.0
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        if args.k_eq_v:
+            self.v_proj = None
+        self.q_norm = GemmaRMSNorm(args.head_dim, args.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(args.head_dim, args.rms_norm_eps)
+        self.v_norm = GemmaRMSNorm(args.head_dim, args.rms_norm_eps, with_scale=False)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        bsz, n, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(bsz, n, self.num_heads, self.head_dim))
+        k = self.k_proj(x).view(bsz, n, self.num_kv_heads, self.head_dim)
+        v = k if self.v_proj is None else self.v_proj(x).view(bsz, n, self.num_kv_heads, self.head_dim)
+        k, v = self.k_norm(k), self.v_norm(v)
+        return apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+
+
+class GemmaEagle3Layer(nn.Module):
+    """DeepSpec's Gemma4Eagle3DecoderLayer: Gemma 4's sandwich norms, GELU MLP and layer scalar."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden, eps = args.hidden_size, args.rms_norm_eps
+        self.self_attn = GemmaEagle3Attention(args)
+        self.mlp = GemmaMLP(hidden, args.intermediate_size)
+        self.hidden_norm = GemmaRMSNorm(hidden, eps)
+        self.input_layernorm = GemmaRMSNorm(hidden, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(hidden, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(hidden, eps)
+        self.register_buffer("layer_scalar", torch.ones(1))
+
+    def attn_input(self, token_emb: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.input_layernorm(token_emb), self.hidden_norm(hidden)], dim=-1)
+
+    def finish(self, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        bsz, _, n, _ = attn_out.shape
+        h = hidden + self.post_attention_layernorm(self.self_attn.o_proj(attn_out.transpose(1, 2).reshape(bsz, n, -1)))
+        h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        return h * self.layer_scalar
+
+
 class Eagle3Model(TargetSharingModel):
     def __init__(self, config: Eagle3Config, embed: nn.Embedding, lm_head: nn.Linear, inv_freq: torch.Tensor,
                  rope_scale: float = 1.0):
@@ -98,8 +148,9 @@ class Eagle3Model(TargetSharingModel):
         self.config = config
         hidden = config.layer_args.hidden_size
         self.fc = nn.Linear(len(config.target_layer_ids) * hidden, hidden, bias=False)
-        self.layers = nn.ModuleList([Eagle3Layer(config.layer_args)])
-        self.norm = RMSNorm(hidden, config.layer_args.rms_norm_eps)
+        gemma = config.layer_args.layer_style == "gemma4"
+        self.layers = nn.ModuleList([(GemmaEagle3Layer if gemma else Eagle3Layer)(config.layer_args)])
+        self.norm = draft_norm(config.layer_args)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Raw layer output [..., H] -> logits [..., V] (final norm, then the shared LM head)."""
@@ -131,7 +182,7 @@ class Eagle3Model(TargetSharingModel):
             causal = index[None, :] <= index[:, None]  # step-0 keys
             diag = torch.eye(seq, dtype=torch.bool)  # earlier steps' keys at the same index
             mask = torch.cat([causal] + [diag] * k, dim=-1)[None, None].expand(bsz, 1, seq, -1)
-            out = grouped_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mask)
+            out = grouped_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mask, layer.self_attn.scale)
             hidden = layer.finish(hidden, out)
             outputs.append(self.norm(hidden))
         return outputs
@@ -174,7 +225,8 @@ class Eagle3Drafter:
         write_rows(self.cache.values[0], slot_t, positions, v.transpose(1, 2), num_new)
         width = int((positions[:, 0] + num_new).max())  # keys up to the last real position
         mask = torch.arange(width)[None, None, :] <= positions[:, :, None]  # causal by position
-        out = grouped_attention(q, self.cache.keys[0][slot_t, :, :width], self.cache.values[0][slot_t, :, :width], mask[:, None])
+        out = grouped_attention(q, self.cache.keys[0][slot_t, :, :width], self.cache.values[0][slot_t, :, :width],
+                                mask[:, None], layer.self_attn.scale)
         return layer.finish(hidden, out)
 
     @torch.inference_mode()

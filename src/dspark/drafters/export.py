@@ -43,6 +43,9 @@ from dspark.models.target import LoadedModel
 EXPORT_FORMATS = ("deepspec", "speculators")
 EXPORTABLE_ARCHS = ("dspark", "dflash", "eagle3")
 EXPORT_TARGET_FAMILIES = ("qwen3",)  # both engines implement DSpark drafters for Qwen3 only
+# DeepSpec also trains and evaluates drafters for Gemma 4 targets (its Gemma4DSparkModel /
+# Gemma4Eagle3Model); neither serving engine loads them, so they export to the DeepSpec layout only.
+DEEPSPEC_ONLY_FAMILIES = ("gemma4_text",)
 DEEPSPEC_NUM_ANCHORS = 512  # DeepSpec's configs: written when the training setting is unknown
 DEEPSPEC_STEP_LOSS_DECAY = 0.8
 # What DeepSpec needs in config.json to rebuild the drafter (transformers' Qwen3Config fills any
@@ -58,6 +61,10 @@ DEEPSPEC_LAYER_FIELDS = (
 DEEPSPEC_DSPARK_FIELDS = ("target_layer_ids", "mask_token_id", "num_anchors", "enable_confidence_head", "markov_rank",
                           "block_size", "layer_types")
 DEEPSPEC_EAGLE3_FIELDS = ("target_layer_ids", "ttt_length", "step_loss_decay", "draft_num_hidden_layers")
+# What DeepSpec's Gemma 4 build_draft_config asserts on top (hidden_activation replaces hidden_act).
+DEEPSPEC_GEMMA4_FIELDS = ("global_head_dim", "attention_k_eq_v", "enable_moe_block",
+                          "hidden_activation", "hidden_size_per_layer_input", "initializer_range",
+                          "num_kv_shared_layers", "use_double_wide_mlp")
 VLLM_HEAD_TYPES = ("vanilla",)  # vLLM builds markov_w1 / markov_w2 only
 SGLANG_HEAD_TYPES = ("vanilla", "gated", "rnn")
 SPECULATORS_VERSION = "0.3.0"
@@ -92,14 +99,23 @@ def read_json(path: Path, what: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------- checks
-def check_export_target(target: LoadedModel) -> None:
-    """Refuse a target family the engines' DSpark drafters do not implement."""
+def check_export_target(target: LoadedModel, fmt: str = "deepspec") -> None:
+    """Refuse a target family the engines' DSpark drafters do not implement (Gemma 4: DeepSpec's
+    layout only)."""
     family = target.model.args.architecture
+    if family in DEEPSPEC_ONLY_FAMILIES:
+        if fmt != "deepspec":
+            raise DSparkError(
+                f"target {target.spec!r} is {family!r}: vLLM and SGLang do not serve DSpark drafters for Gemma 4, so "
+                f"its drafters export to DeepSpec's Gemma4DSparkModel layout only (format 'deepspec', which "
+                "DeepSpec's evaluator loads), not to {fmt!r}"
+            )
+        return
     if family not in EXPORT_TARGET_FAMILIES:
         raise DSparkError(
             f"drafter export needs a Qwen3 target: vLLM (Qwen3DSparkModel) and SGLang (DSPARK) implement "
             f"DSpark drafters only for Qwen3; target {target.spec!r} is {family!r}; "
-            f"supported: {', '.join(EXPORT_TARGET_FAMILIES)}"
+            f"supported: {', '.join(EXPORT_TARGET_FAMILIES)} (and {', '.join(DEEPSPEC_ONLY_FAMILIES)} for DeepSpec's layout)"
         )
 
 
@@ -213,13 +229,29 @@ def _target_base_config(target: LoadedModel, layers: int) -> dict:
     base = {k: v for k, v in hf.to_dict().items() if not k.startswith("_") and k not in PRECEDENCE_KEYS}
     base.update(model_type="qwen3", num_hidden_layers=layers, layer_types=["full_attention"] * layers,
                 tie_word_embeddings=False, dtype="bfloat16")
+    if is_gemma(target):
+        # DeepSpec's Gemma 4 draft config: the text config with every draft layer global, its head
+        # dim and KV heads spelled out (the per-layer table describes the target's layers, so it is
+        # dropped and rebuilt on load), and no per-layer inputs, MoE or KV sharing in the drafter.
+        args = target.model.args
+        base.pop("per_layer_config", None)
+        base.update(model_type=hf.model_type, global_head_dim=args.head_dim, attention_k_eq_v=args.k_eq_v,
+                    num_global_key_value_heads=args.num_kv_heads if args.k_eq_v else None,
+                    hidden_size_per_layer_input=0, num_kv_shared_layers=0, enable_moe_block=False,
+                    use_double_wide_mlp=False, target_model_type=target.hf_config.model_type,
+                    target_text_model_type=hf.model_type)
     return base
+
+
+def is_gemma(target: LoadedModel) -> bool:
+    return target.model.args.layer_style == "gemma4"
 
 
 def deepspec_eagle3_config(config, target: LoadedModel, step_loss_decay: float) -> dict:
     """config.json of DeepSpec's Eagle3 layout (qwen3/config.py build_draft_config's fields)."""
     base = _target_base_config(target, 1)
-    base.update(architectures=[DEEPSPEC_EAGLE3_ARCHITECTURES[0]], num_target_layers=config.target.num_layers,
+    base.update(architectures=["Gemma4Eagle3Model" if is_gemma(target) else DEEPSPEC_EAGLE3_ARCHITECTURES[0]],
+                num_target_layers=config.target.num_layers,
                 target_layer_ids=[int(i) for i in config.target_layer_ids], ttt_length=config.block_size,
                 step_loss_decay=step_loss_decay, draft_num_hidden_layers=1)
     return base
@@ -230,7 +262,7 @@ def deepspec_config(config: DSparkConfig, target: LoadedModel, num_anchors: int 
     (DeepSpec's build_draft_config overwrites the same fields of a copy of the target config)."""
     base = _target_base_config(target, config.num_draft_layers)  # all full attention = non-causal blocks in vLLM
     base.update(
-        architectures=list(DEEPSPEC_ARCHITECTURES),
+        architectures=["Gemma4DSparkModel" if is_gemma(target) else "Qwen3DSparkModel"],
         num_target_layers=config.target.num_layers,
         block_size=config.block_size,
         mask_token_id=config.mask_token_id,
@@ -247,10 +279,14 @@ def deepspec_config(config: DSparkConfig, target: LoadedModel, num_anchors: int 
 
 def missing_deepspec_fields(config: dict) -> list[str]:
     """The fields DeepSpec needs that config lacks (see DEEPSPEC_LAYER_FIELDS)."""
+    layer = DEEPSPEC_LAYER_FIELDS
+    if config["architectures"][0].startswith("Gemma4"):
+        layer = tuple(f for f in layer if f != "hidden_act") + DEEPSPEC_GEMMA4_FIELDS
+        layer += ("num_global_key_value_heads",) * bool(config.get("attention_k_eq_v"))
     if config["architectures"][0] in DEEPSPEC_EAGLE3_ARCHITECTURES:
-        wanted = DEEPSPEC_LAYER_FIELDS + DEEPSPEC_EAGLE3_FIELDS
+        wanted = layer + DEEPSPEC_EAGLE3_FIELDS
     else:
-        wanted = DEEPSPEC_LAYER_FIELDS + DEEPSPEC_DSPARK_FIELDS
+        wanted = layer + DEEPSPEC_DSPARK_FIELDS
         wanted += ("markov_head_type",) * (config.get("markov_rank", 0) > 0)
         wanted += ("confidence_head_with_markov",) * bool(config.get("enable_confidence_head"))
     return [name for name in wanted if config.get(name) is None]
@@ -262,6 +298,11 @@ def expected_deepspec_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     hidden, vocab, inter = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config.get("head_dim") or hidden // heads
+    gemma = config["architectures"][0].startswith("Gemma4")
+    k_eq_v = gemma and bool(config.get("attention_k_eq_v"))
+    if gemma:  # DeepSpec's Gemma 4 draft layers: the global layers' head dim (and KV heads with k = v)
+        head_dim = config["global_head_dim"]
+        kv_heads = config["num_global_key_value_heads"] if k_eq_v else kv_heads
     eagle3 = config["architectures"][0] in DEEPSPEC_EAGLE3_ARCHITECTURES
     rank = 0 if eagle3 else config["markov_rank"]
     shapes: dict[str, tuple[int, ...]] = {
@@ -275,6 +316,8 @@ def expected_deepspec_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     for i in range(config["num_hidden_layers"]):
         p = f"layers.{i}."
         for name, rows in proj_out.items():
+            if name == "v" and k_eq_v:  # values are the keys' projection
+                continue
             shapes[f"{p}self_attn.{name}_proj.weight"] = (rows, 2 * hidden if eagle3 else hidden)
             if config.get("attention_bias"):
                 shapes[f"{p}self_attn.{name}_proj.bias"] = (rows,)
@@ -286,6 +329,9 @@ def expected_deepspec_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         shapes[f"{p}mlp.gate_proj.weight"] = shapes[f"{p}mlp.up_proj.weight"] = (inter, hidden)
         shapes[f"{p}mlp.down_proj.weight"] = (hidden, inter)
         shapes[f"{p}input_layernorm.weight"] = shapes[f"{p}post_attention_layernorm.weight"] = (hidden,)
+        if gemma:  # sandwich norms and the layer scalar (v_norm has no weight)
+            shapes[f"{p}pre_feedforward_layernorm.weight"] = shapes[f"{p}post_feedforward_layernorm.weight"] = (hidden,)
+            shapes[f"{p}layer_scalar"] = (1,)
     if rank > 0:
         shapes["markov_head.markov_w1.weight"] = (vocab, rank)  # an embedding [V, R]
         shapes["markov_head.markov_w2.weight"] = (vocab, rank)  # Linear(R -> V) weight [V, R]
@@ -457,8 +503,15 @@ def sps_table(profile: dict) -> dict:
 def readme_text(fmt: str, config: dict, target: LoadedModel, caveats: list[str], sidecars: list[str]) -> str:
     """A short note for the folder: what it is, which engine loads it, with which flags."""
     block = config.get("block_size", config.get("ttt_length"))
-    lines = [f"# Drafter export ({fmt} format)", "", f"Target: {target.spec} (Qwen3). block_size: {block}.", ""]
-    if "ttt_length" in config:
+    family = "Gemma 4" if is_gemma(target) else "Qwen3"
+    lines = [f"# Drafter export ({fmt} format)", "", f"Target: {target.spec} ({family}). block_size: {block}.", ""]
+    if is_gemma(target):
+        lines += [
+            f"DeepSpec's {config['architectures'][0]} layout (config.json + model.safetensors, bf16): DeepSpec's",
+            "eval.py loads it with --draft_name_or_path <this folder>, and dspark imports it back. vLLM and SGLang",
+            "do not serve DSpark, DFlash or Eagle3 drafters for Gemma 4 targets.",
+        ]
+    elif "ttt_length" in config:
         lines += [
             "DeepSpec's Qwen3Eagle3Model layout (config.json + model.safetensors, bf16): DeepSpec's eval.py loads",
             "it with --draft_name_or_path <this folder>, and dspark imports it back. vLLM and SGLang are not",
@@ -548,7 +601,7 @@ def export_drafter(
         raise DSparkError(f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
     folder, out = Path(drafter_dir), Path(out)
     check_out_folder(out, folder, overwrite)
-    check_export_target(target)
+    check_export_target(target, fmt)
     raw = read_drafter_folder_config(folder)
     arch = precheck_drafter_config(raw, target, str(folder), fmt)
     if arch == "eagle3" and cost_profile is not None:

@@ -90,7 +90,9 @@ def gemma_args_from_hf_config(config) -> tuple[ModelArgs, GemmaArgs]:
         layers.append(GemmaLayerArgs(kind, per_layer.head_dim, per_layer.num_key_value_heads,
                                      bool(text.attention_k_eq_v) and kind == "full_attention", source,
                                      text.intermediate_size * wide))
-    sliding = next((layer for layer in layers if layer.layer_type == "sliding_attention"), layers[0])
+    # The geometry drafters read: DeepSpec's Gemma 4 draft layers are global-attention layers (their
+    # head dim, and their KV-head count where keys are values); the target's own layers use `layers`.
+    k_eq_v = bool(text.attention_k_eq_v)
     model_args = ModelArgs(
         architecture=text.model_type,
         vocab_size=text.vocab_size,
@@ -98,8 +100,8 @@ def gemma_args_from_hf_config(config) -> tuple[ModelArgs, GemmaArgs]:
         intermediate_size=text.intermediate_size,
         num_layers=n,
         num_heads=text.num_attention_heads,
-        num_kv_heads=sliding.num_kv_heads,
-        head_dim=sliding.head_dim,
+        num_kv_heads=text.per_layer_config["full_attention"].num_key_value_heads if k_eq_v else text.num_key_value_heads,
+        head_dim=text.per_layer_config["full_attention"].head_dim,
         rms_norm_eps=text.rms_norm_eps,
         max_position_embeddings=text.max_position_embeddings,
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", text.tie_word_embeddings)),
@@ -108,6 +110,8 @@ def gemma_args_from_hf_config(config) -> tuple[ModelArgs, GemmaArgs]:
         mlp_bias=False,
         qk_norm=True,
         sliding_windows=tuple(text.sliding_window if kind == "sliding_attention" else None for kind in types),
+        layer_style="gemma4",
+        k_eq_v=k_eq_v,
     )
     gemma_args = GemmaArgs(
         layers=tuple(layers),

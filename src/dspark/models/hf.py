@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dspark.errors import DSparkError
-from dspark.models.gemma import softcap
+from dspark.models.gemma import GEMMA_ARCHITECTURES, gemma_args_from_hf_config, gemma_rope, gemma_unsupported, softcap
 from dspark.models.llama import ModelArgs, ModelOutput
 
 log = logging.getLogger(__name__)
@@ -262,6 +262,12 @@ def load_hf_causal_lm(model_dir, dtype: torch.dtype) -> HFCausalLM:
     except (ValueError, KeyError) as exc:
         raise DSparkError(f"transformers cannot load {model_dir} as a causal LM: {exc}") from exc
     hf_model.eval().requires_grad_(False)
-    args = model_args_of(hf_model.config)
-    inv_freq, scale = drafter_rope(hf_model.config, args.head_dim)
+    config = hf_model.config
+    if config.model_type in GEMMA_ARCHITECTURES and not gemma_unsupported(config):
+        # Drafters for Gemma 4 get DeepSpec's Gemma draft layers whichever path runs the target.
+        args = gemma_args_from_hf_config(config)[0]
+        inv_freq, scale = gemma_rope(config)["full_attention"]
+    else:
+        args = model_args_of(config)
+        inv_freq, scale = drafter_rope(config, args.head_dim)
     return HFCausalLM(hf_model, args, inv_freq, scale)

@@ -43,6 +43,12 @@ class ModelArgs:
     mlp_bias: bool
     qk_norm: bool
     sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
+    # Drafter layers for this target follow this family's decoder layer: "llama" (the Llama family
+    # and targets through transformers) or "gemma4" (DeepSpec's Gemma 4 draft layer: sandwich norms,
+    # q/k/v norms, attention scaling 1, the global layers' head dim and KV heads, keys as values
+    # where `k_eq_v`, GELU MLP). head_dim / num_kv_heads above are the draft layers' own.
+    layer_style: str = "llama"
+    k_eq_v: bool = False
 
 
 def model_args_from_hf_config(config) -> ModelArgs:

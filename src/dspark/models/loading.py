@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from dspark.errors import DSparkError
-from dspark.models.hf import drafter_rope
 from dspark.models.gemma import (GEMMA_ARCHITECTURES, GemmaTransformer, gemma_args_from_hf_config, gemma_rope,
                                  gemma_state_dict, gemma_unsupported)
 from dspark.models.llama import SUPPORTED_ARCHITECTURES, Transformer, model_args_from_hf_config, rope_inv_freq
@@ -178,8 +177,8 @@ def build_native_model(config) -> tuple[Transformer, torch.Tensor]:
     """The native decoder for a config, on the meta device, and its RoPE inverse frequencies."""
     if config.model_type in GEMMA_ARCHITECTURES:
         args, gemma = gemma_args_from_hf_config(config)
-        inv_freq, rope_scale = drafter_rope(config, args.head_dim)
         rope = gemma_rope(config)
+        inv_freq, rope_scale = rope["full_attention"]  # drafters' RoPE: the global layers' (DeepSpec)
         with torch.device("meta"):
             model = GemmaTransformer(args, gemma, rope, torch.zeros_like(inv_freq, device="meta"), rope_scale)
         return model, inv_freq

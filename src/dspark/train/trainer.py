@@ -105,6 +105,30 @@ def preset_dspark_qwen3_4b() -> TrainConfig:
                        autocast="auto")
 
 
+def preset_dspark_gemma4_12b() -> TrainConfig:
+    """DeepSpec's Gemma 4 12B setting (GPU): 5 Gemma draft layers over target layers
+    [5, 17, 29, 41, 46], block 7, rank 256, 512 anchors, mask id 4 (Gemma's <mask>), lr 6e-4,
+    global batch 512 sequences, 10 epochs, sequences up to 4096 tokens."""
+    return TrainConfig(drafter={"num_draft_layers": 5, "block_size": 7, "markov_rank": 256, "mask_token_id": 4,
+                                "target_layer_ids": (5, 17, 29, 41, 46)},
+                       max_length=4096, num_anchors=512, lr=6e-4, grad_accum=512, epochs=10, save_every=3000,
+                       autocast="auto")
+
+
+def preset_dflash_gemma4_12b() -> TrainConfig:
+    """DeepSpec's DFlash for Gemma 4 12B: the DSpark setting with both heads off, CE only."""
+    base = preset_dspark_gemma4_12b()
+    drafter = {k: v for k, v in base.drafter.items() if k != "markov_rank"}
+    return replace(base, arch="dflash", drafter=drafter, loss=LossWeights(ce=1.0, l1=0.0, confidence=0.0))
+
+
+def preset_eagle3_gemma4_12b() -> TrainConfig:
+    """DeepSpec's Eagle3 for Gemma 4 12B: one Gemma draft layer over the same target layers,
+    7 training-time-test steps with decay 0.8."""
+    return replace(preset_dspark_gemma4_12b(), arch="eagle3",
+                   drafter={"block_size": 7, "target_layer_ids": (5, 17, 29, 41, 46)})
+
+
 def preset_eagle3_smollm2() -> TrainConfig:
     """Eagle3 as DeepSpec trains it (7 training-time-test steps, decay 0.8), sized for this CPU."""
     return replace(preset_dspark_smollm2(), arch="eagle3", drafter={"block_size": 7})
@@ -121,6 +145,9 @@ PRESETS = {
     "dspark-smollm2-135m": preset_dspark_smollm2,
     "dflash-smollm2-135m": preset_dflash_smollm2,
     "dspark-qwen3-4b": preset_dspark_qwen3_4b,
+    "dspark-gemma4-12b": preset_dspark_gemma4_12b,
+    "dflash-gemma4-12b": preset_dflash_gemma4_12b,
+    "eagle3-gemma4-12b": preset_eagle3_gemma4_12b,
 }
 
 
