@@ -254,11 +254,7 @@ class GemmaTransformer(Transformer):
                                                                 gemma.per_layer_input_size**0.5)
             self.model.per_layer_model_projection = nn.Linear(args.hidden_size, width, bias=False)
             self.model.per_layer_projection_norm = GemmaRMSNorm(gemma.per_layer_input_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", inv_freq.double(), persistent=False)
-        self.rope_scale = rope_scale
+        self.add_head_and_rope(inv_freq, rope_scale)
         self.rope_params = {kind: (freq.double(), scale) for kind, (freq, scale) in rope.items()}
         self.logit_softcap = gemma.final_logit_softcapping
 

@@ -366,6 +366,12 @@ class Transformer(nn.Module):
         self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.model.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
         self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.add_head_and_rope(inv_freq, rope_scale)
+
+    def add_head_and_rope(self, inv_freq: torch.Tensor, rope_scale: float) -> None:
+        """The LM head (tied to the embedding where the config says so) and the RoPE buffer, once
+        `model.embed_tokens` exists (every native decoder's last construction step)."""
+        args = self.args
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
