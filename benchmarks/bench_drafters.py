@@ -48,22 +48,23 @@ def median_ms(fn, repeats: int) -> float:
 def target_step_ms(target, repeats: int) -> float:
     model = target.model
     cache = target.build_cache(1, CONTEXT + 64, 16)
-    model(torch.randint(0, 1000, (1, CONTEXT)), torch.arange(CONTEXT)[None], torch.tensor([0]), cache)
+    model(torch.randint(0, min(1000, target.vocab_size), (1, CONTEXT)), torch.arange(CONTEXT)[None], torch.tensor([0]), cache)
     token, pos = torch.tensor([[5]]), torch.tensor([[CONTEXT]])
     return median_ms(lambda: model(token, pos, torch.tensor([0]), cache), repeats)
 
 
 @torch.inference_mode()
-def draft_round_ms(target, drafter, repeats: int) -> float:
-    """One propose of 7 tokens over a 300-token context, plus absorbing 2 new context features."""
-    feats = torch.randn(CONTEXT, 576 * len(drafter.feature_layers), dtype=target.model.dtype)
-    drafter.setup(1, CONTEXT + 512, 7)
-    drafter.begin(0, list(range(CONTEXT)), feats)
-    tokens = list(range(CONTEXT + 1))
+def draft_round_ms(target, drafter, repeats: int, block: int = 7) -> float:
+    """One propose of `block` tokens over a 300-token context, plus absorbing 2 new context features."""
+    hidden = target.model.args.hidden_size
+    feats = torch.randn(CONTEXT, hidden * len(drafter.feature_layers), dtype=target.model.dtype)
+    drafter.setup(1, CONTEXT + 512, block)
+    tokens = [i % target.vocab_size for i in range(CONTEXT + 1)]
+    drafter.begin(0, tokens[:-1], feats)
     gen = torch.Generator().manual_seed(0)
 
     def one_round():
-        drafter.propose([DraftRequest(0, tokens, 7, SamplingParams(temperature=1.0), gen)])
+        drafter.propose([DraftRequest(0, tokens, block, SamplingParams(temperature=1.0), gen)])
         drafter.commit(0, 1, feats[:2])
         tokens.extend([7, 8])
 

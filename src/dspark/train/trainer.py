@@ -88,12 +88,17 @@ def preset_dspark_smollm2() -> TrainConfig:
                        max_length=1536, num_anchors=64, lr=1e-3, grad_accum=8, save_every=50, autocast="auto")
 
 
+def as_dflash(cfg: TrainConfig) -> TrainConfig:
+    """A DSpark setting turned into DFlash as DeepSpec trains it: the same backbone (and draft
+    vocabulary), no heads, CE only (position-weighted)."""
+    drafter = {k: v for k, v in cfg.drafter.items() if k not in ("markov_rank", "markov_head_type")}
+    return replace(cfg, arch="dflash", drafter=drafter, loss=LossWeights(ce=1.0, l1=0.0, confidence=0.0))
+
+
 def preset_dflash_smollm2() -> TrainConfig:
     """DFlash as DeepSpec trains it: the same backbone and draft vocabulary, no heads, CE only
     (position-weighted)."""
-    base = preset_dspark_smollm2()
-    drafter = {k: v for k, v in base.drafter.items() if k != "markov_rank"}
-    return replace(base, arch="dflash", drafter=drafter, loss=LossWeights(ce=1.0, l1=0.0, confidence=0.0))
+    return as_dflash(preset_dspark_smollm2())
 
 
 def preset_dspark_qwen3_4b() -> TrainConfig:
@@ -117,9 +122,7 @@ def preset_dspark_gemma4_12b() -> TrainConfig:
 
 def preset_dflash_gemma4_12b() -> TrainConfig:
     """DeepSpec's DFlash for Gemma 4 12B: the DSpark setting with both heads off, CE only."""
-    base = preset_dspark_gemma4_12b()
-    drafter = {k: v for k, v in base.drafter.items() if k != "markov_rank"}
-    return replace(base, arch="dflash", drafter=drafter, loss=LossWeights(ce=1.0, l1=0.0, confidence=0.0))
+    return as_dflash(preset_dspark_gemma4_12b())
 
 
 def preset_eagle3_gemma4_12b() -> TrainConfig:

@@ -1,0 +1,372 @@
+"""The DSpark paper's claims at small scale: DSpark, DFlash and Eagle3 trained on equal terms.
+
+Every run trains on the same feature cache (the same answers, anchors per sequence, sequences per
+step and number of optimizer steps) from one base preset; only the architecture, block size, draft
+depth or head differs. Each run is then calibrated on held-out training-split prompts (drafters
+with a confidence head), evaluated with `dspark eval` on the evaluation split at T = 0 and T = 1
+against plain decoding (each run's own baseline, measured beside it), and its draft round timed.
+
+    .venv/bin/python benchmarks/reproduce.py --data runs/cache --holdout runs/holdout_prompts.jsonl \\
+        --benchmarks ../shared/data/eval --steps 600 --work runs/reproduce --out docs/results/reproduce
+
+(`runs/cache` and `runs/holdout_prompts.jsonl` are made as docs/training.md shows, from the answers in
+datasets/smollm2-135m-v2.) Resumable: rerun the same command after a kill or a `--time-budget`
+stop; finished stages are skipped and training resumes from its newest checkpoint. `--only` runs a
+subset. docs/results/reproduce/ gets results.json, report.md (the claims against their goals, the
+command, versions, machine and wall time of each stage) and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import dspark
+from dspark.drafters.checkpoint import load_drafter
+from dspark.eval.metrics import summarize_rounds
+from dspark.eval.runner import EvalConfig, benchmark_files, calibrate_drafter, run_eval
+from dspark.models.target import load_model
+from dspark.train.trainer import Trainer, TrainConfig, apply_overrides, as_dflash, get_preset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_drafters import draft_round_ms, target_step_ms  # noqa: E402
+
+# name -> (architecture, drafter settings over the base preset's); the claim each serves is in CLAIMS.
+RUNS = {
+    "dspark-b7": ("dspark", {}),
+    "dflash-b7": ("dflash", {}),
+    "eagle3-b7": ("eagle3", {}),
+    "dspark-b4": ("dspark", {"block_size": 4}),
+    "dflash-b4": ("dflash", {"block_size": 4}),
+    "dspark-b12": ("dspark", {"block_size": 12}),
+    "dflash-b12": ("dflash", {"block_size": 12}),
+    "dspark-1l": ("dspark", {"num_draft_layers": 1}),
+    "dspark-rnn-b7": ("dspark", {"markov_head_type": "rnn"}),
+}
+TEMPERATURES = (0.0, 1.0)
+
+
+def run_config(base: TrainConfig, arch: str, drafter: dict, steps: int) -> TrainConfig:
+    """The base preset turned into `arch` (DFlash: no heads, CE only, as DeepSpec trains it; Eagle3:
+    its own layer, DeepSpec's training-time test over block_size steps) with these drafter settings."""
+    settings = {**base.drafter, **drafter}
+    if arch == "dflash":
+        cfg = as_dflash(replace(base, drafter=settings))
+    elif arch == "eagle3":
+        cfg = replace(base, arch="eagle3", drafter={"block_size": settings.get("block_size", 7)})
+    else:
+        cfg = replace(base, arch="dspark", drafter=settings)
+    return replace(cfg, max_steps=steps, save_every=min(base.save_every, steps) if steps else base.save_every)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
+            "python": platform.python_version(), "torch": torch.__version__, "dspark": dspark.__version__}
+
+
+def macro(per_benchmark: dict, key: str = "accept_length") -> float:
+    values = [v[key] for v in per_benchmark.values()]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def pooled_conditional(eval_dir: Path, label: str, block: int) -> list[float]:
+    """Conditional acceptance per draft position over every benchmark's rounds together."""
+    rounds = []
+    for partial in sorted((eval_dir / "partial").glob(f"*__{label}.json")):
+        rounds += json.loads(partial.read_text())["logs"]["rounds"]
+    return summarize_rounds(rounds, block)["conditional_acceptance"]
+
+
+class Reproduction:
+    def __init__(self, args):
+        self.args = args
+        self.work, self.out = Path(args.work), Path(args.out)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.state_file = self.work / "state.json"
+        self.settings = {"target": args.target, "base_preset": args.base_preset, "data": str(args.data),
+                         "holdout": str(args.holdout), "steps": args.steps, "benchmarks": list(args.benchmarks),
+                         "limit": args.limit, "max_new_tokens": args.max_new_tokens, "set": list(args.set),
+                         "calibrate_limit": args.calibrate_limit}
+        state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else None
+        if state is not None and state["settings"] != self.settings:
+            changed = sorted(k for k in self.settings if state["settings"].get(k) != self.settings[k])
+            raise SystemExit(f"{self.work} holds runs made with other settings ({', '.join(changed)}); "
+                             "use another --work (nothing was changed)")
+        self.state = state or {"settings": self.settings, "runs": {}}
+        self.target = load_model(args.target, "bf16")
+        self.base = apply_overrides(get_preset(args.base_preset), args.set)
+
+    def save(self) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        os.replace(tmp, self.state_file)
+
+    def stage(self, name: str, stage: str, fn):
+        record = self.state["runs"].setdefault(name, {})
+        if stage in record:
+            return record[stage]
+        print(f"[{name}] {stage} ...", flush=True)
+        start = time.time()
+        result = fn()
+        if result is None:  # not finished (a time budget); the rerun continues it
+            return None
+        record[stage] = {**result, "seconds": round(time.time() - start, 1), "machine": machine(),
+                         "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.save()
+        return record[stage]
+
+    def run(self, name: str, deadline: float | None) -> bool:
+        arch, drafter = RUNS[name]
+        cfg = run_config(self.base, arch, drafter, self.args.steps)
+        run_dir = self.work / name
+
+        def train():
+            budget = None if deadline is None else max(deadline - time.monotonic(), 1.0)
+            trainer = Trainer(self.target, cfg, self.args.data, run_dir / "train")
+            final = trainer.run(time_budget_s=budget)
+            if trainer.step < trainer.total_steps:
+                return None
+            log = [json.loads(line) for line in (run_dir / "train" / "train_log.jsonl").read_text().splitlines()]
+            step_s = sum(m.get("seconds", 0.0) for m in log)  # every invocation's steps (a resumed run too)
+            return {"drafter": str(final), "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
+                    "step_seconds": round(step_s, 1)}
+
+        trained = self.stage(name, "train", train)
+        if trained is None:
+            return False
+        drafter_dir = trained["drafter"]
+        if arch == "dspark":
+            self.stage(name, "calibrate", lambda: calibrate_drafter(
+                self.target, drafter_dir, [str(self.args.holdout)],
+                EvalConfig(temperature=1.0, max_new_tokens=self.args.max_new_tokens, limit=self.args.calibrate_limit),
+                plot=False))
+        for temperature in TEMPERATURES:
+            self.stage(name, f"eval_t{temperature:g}", lambda t=temperature: self.evaluate(name, drafter_dir, t))
+        self.stage(name, "latency", lambda: self.latency(drafter_dir))
+        return True
+
+    def evaluate(self, name: str, drafter_dir: str, temperature: float) -> dict:
+        drafter = load_drafter(drafter_dir, self.target)
+        block = drafter.config.block_size
+        cfg = EvalConfig(temperature=temperature, block_size=block, max_new_tokens=self.args.max_new_tokens,
+                         limit=self.args.limit, batch_size=1)
+        eval_dir = self.work / name / f"eval_t{temperature:g}"
+        results = run_eval(self.target, {name: drafter}, list(self.args.benchmarks), eval_dir, cfg)
+        per = {}
+        for bench, entry in results["benchmarks"].items():
+            pair = entry["drafters"][name]
+            per[bench] = {"accept_length": pair["accept_length"], "speedup_vs_plain": pair["speedup_vs_plain"],
+                          "tokens_per_second": pair["tokens_per_second"],
+                          "plain_tokens_per_second": entry["drafters"]["none"]["tokens_per_second"]}
+            if "calibration" in pair:
+                per[bench]["ece_mean"] = pair["calibration"]["ece_mean"]
+        sweeps = {dom: v[name]["threshold_sweep"] for dom, v in results["domains"].items() if "threshold_sweep" in v.get(name, {})}
+        return {"benchmarks": per, "macro_accept_length": macro(per), "macro_speedup": macro(per, "speedup_vs_plain"),
+                "conditional_acceptance": pooled_conditional(eval_dir, name, block), "threshold_sweep": sweeps,
+                "eval_dir": str(eval_dir)}
+
+    def latency(self, drafter_dir: str) -> dict:
+        drafter = load_drafter(drafter_dir, self.target)
+        step = target_step_ms(self.target, self.args.latency_repeats)
+        block = drafter.config.block_size
+        ms = draft_round_ms(self.target, drafter, self.args.latency_repeats, block=block)
+        return {"draft_round_ms": ms, "target_step_ms": step, "draft_round_over_target_step": ms / step}
+
+
+def claims(runs: dict) -> list[dict]:
+    """Each paper claim with what was measured here and whether the goal holds (None: a run is missing)."""
+
+    def tau(name, t):
+        return runs.get(name, {}).get(f"eval_t{t:g}", {}).get("macro_accept_length")
+
+    def ratio(a, b, t):
+        x, y = tau(a, t), tau(b, t)
+        return None if x is None or y is None else x / y
+
+    rows = []
+    for t in TEMPERATURES:
+        r1, r2 = ratio("dspark-b7", "dflash-b7", t), ratio("dspark-b7", "eagle3-b7", t)
+        rows.append({"claim": f"Table 1, T = {t:g}: macro tau DSpark / DFlash and DSpark / Eagle3",
+                     "measured": None if r1 is None or r2 is None else f"{r1:.3f}x, {r2:.3f}x",
+                     "goal": ">= 1.10x and >= 1.20x", "holds": None if r1 is None or r2 is None else r1 >= 1.10 and r2 >= 1.20})
+    cond = {n: runs.get(n, {}).get("eval_t1", {}).get("conditional_acceptance") for n in ("dspark-b7", "dflash-b7")}
+    if all(cond.values()):
+        pairs = list(zip(cond["dspark-b7"], cond["dflash-b7"]))[2:]  # positions 3.. (1-based)
+        above = [a > b for a, b in pairs if a == a and b == b]  # positions neither run reached are nan
+        rows.append({"claim": "Fig. 2: DSpark's conditional acceptance above DFlash's at every position >= 3 (T = 1)",
+                     "measured": ", ".join(f"{a:.2f}/{b:.2f}" for a, b in pairs), "goal": "above at each",
+                     "holds": all(above) if above else None})
+    gaps = {b: ratio(f"dspark-b{b}", f"dflash-b{b}", 1.0) for b in (4, 7, 12)}
+    rows.append({"claim": "Fig. 4: the DSpark/DFlash tau gap widens with block size (T = 1)",
+                 "measured": ", ".join(f"block {b}: {g:.3f}x" for b, g in gaps.items() if g is not None) or None,
+                 "goal": "gap at 12 > gap at 4",
+                 "holds": None if gaps[4] is None or gaps[12] is None else gaps[12] > gaps[4]})
+    for t in TEMPERATURES:
+        r = ratio("dspark-1l", "dflash-b7", t)
+        rows.append({"claim": f"Fig. 3, T = {t:g}: 1-layer DSpark vs 2-layer DFlash (macro tau)",
+                     "measured": None if r is None else f"{r:.3f}x", "goal": ">= 1.00x",
+                     "holds": None if r is None else r >= 1.0})
+    r = ratio("dspark-rnn-b7", "dspark-b7", 1.0)
+    rows.append({"claim": "RNN head vs Markov head (macro tau, T = 1)", "measured": None if r is None else f"{r:.3f}x",
+                 "goal": "reported", "holds": None})
+    eces = [v["ece_mean"] for v in runs.get("dspark-b7", {}).get("eval_t1", {}).get("benchmarks", {}).values() if "ece_mean" in v]
+    if eces:
+        e = statistics.fmean(eces)
+        rows.append({"claim": "Fig. 6: mean ECE after STS on the evaluation split (DSpark block 7, T = 1)",
+                     "measured": f"{100 * e:.1f}%", "goal": "<= 2%", "holds": e <= 0.02})
+    return rows
+
+
+def write_report(state: dict, out: Path, command: str) -> None:
+    runs = state["runs"]
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_plots(runs, out)
+    lines = ["# DSpark vs DFlash vs Eagle3 at equal budget", "", "Made by:", "", "```bash", command, "```", "",
+             f"Settings: {json.dumps(state['settings'])}", "", "## Claims", "",
+             "| claim | measured | goal | holds |", "|---|---|---|---|"]
+    for row in claims(runs):
+        holds = {True: "yes", False: "**no**", None: "-"}[row["holds"]]
+        lines.append(f"| {row['claim']} | {row['measured'] or 'not run yet'} | {row['goal']} | {holds} |")
+    benches = sorted({b for r in runs.values() for b in r.get("eval_t1", {}).get("benchmarks", {})})
+    for t in TEMPERATURES:
+        lines += ["", f"## Accept length and speedup over plain decoding, T = {t:g}", "",
+                  "| run | " + " | ".join(benches) + " | macro tau | macro speedup |",
+                  "|---|" + "---|" * (len(benches) + 2)]
+        for name, r in runs.items():
+            ev = r.get(f"eval_t{t:g}")
+            if not ev:
+                continue
+            cells = [f"{ev['benchmarks'][b]['accept_length']:.2f} ({ev['benchmarks'][b]['speedup_vs_plain']:.2f}x)"
+                     if b in ev["benchmarks"] else "-" for b in benches]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {ev['macro_accept_length']:.2f} | {ev['macro_speedup']:.2f}x |")
+    lines += ["", "## Conditional acceptance per draft position (T = 1, all benchmarks pooled)", "",
+              "| run | per position |", "|---|---|"]
+    for name, r in runs.items():
+        if "eval_t1" in r:
+            lines.append(f"| {name} | " + " ".join(f"{x:.2f}" for x in r["eval_t1"]["conditional_acceptance"]) + " |")
+    lines += ["", "## Draft cost, calibration and wall time", "",
+              "| run | draft round (ms) | / target step | ECE before -> after STS (held-out) | train steps | tokens seen | "
+              "train | calibrate | eval T=0 | eval T=1 | machine |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        lat, cal, tr = r.get("latency", {}), r.get("calibrate"), r.get("train", {})
+        ece = f"{100 * cal['ece_mean_before']:.1f}% -> {100 * cal['ece_mean_after']:.1f}%" if cal else "-"
+        wall = [f"{r[s]['seconds'] / 60:.1f} min" if s in r else "-" for s in ("train", "calibrate", "eval_t0", "eval_t1")]
+        mach = tr.get("machine", {})
+        lines.append(f"| {name} | {lat.get('draft_round_ms', float('nan')):.2f} | {lat.get('draft_round_over_target_step', float('nan')):.2f} "
+                     f"| {ece} | {tr.get('steps', '-')} | {tr.get('tokens_seen', '-')} | " + " | ".join(wall)
+                     + f" | {mach.get('cpu', '-')}, {mach.get('threads', '-')} threads, torch {mach.get('torch', '-')}, "
+                     f"dspark {mach.get('dspark', '-')} |")
+    if files:
+        lines += ["", "## Plots", ""] + [f"![{Path(f).stem}]({f})" for f in files]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    public = {"settings": state["settings"], "command": command, "claims": claims(runs),
+              "runs": {n: {k: v for k, v in r.items()} for n, r in runs.items()}}
+    (out / "results.json").write_text(json.dumps(public, indent=2))
+
+
+def write_plots(runs: dict, out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        print(f"plots skipped ({err}); results.json and report.md are written", flush=True)
+        return []
+    files = []
+    done = {n: r for n, r in runs.items() if "eval_t1" in r and "eval_t0" in r}
+    if done:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        names = list(done)
+        for i, t in enumerate(TEMPERATURES):
+            ax.bar([j + 0.4 * i for j in range(len(names))], [done[n][f"eval_t{t:g}"]["macro_accept_length"] for n in names],
+                   width=0.4, label=f"T = {t:g}")
+        ax.set_xticks([j + 0.2 for j in range(len(names))], names, rotation=30, ha="right")
+        ax.set_ylabel("macro accept length (tau)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "tau_macro.png", dpi=120)
+        plt.close(fig)
+        files.append("tau_macro.png")
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for n, r in done.items():
+            if n.endswith("-b7") or n == "dspark-1l":
+                cond = r["eval_t1"]["conditional_acceptance"]
+                ax.plot(range(1, len(cond) + 1), cond, marker="o", label=n)
+        ax.set_xlabel("draft position")
+        ax.set_ylabel("conditional acceptance (T = 1)")
+        if ax.lines:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "conditional_acceptance.png", dpi=120)
+        plt.close(fig)
+        files.append("conditional_acceptance.png")
+    for name, r in runs.items():  # the eval's own threshold-sweep and reliability plots, T = 1
+        eval_dir = Path(r.get("eval_t1", {}).get("eval_dir", "")) if "eval_t1" in r else None
+        if eval_dir and eval_dir.is_dir():
+            for png in sorted(eval_dir.glob("threshold_sweep_*.png")):
+                shutil.copyfile(png, out / f"{name}_{png.name}")
+                files.append(f"{name}_{png.name}")
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--base-preset", default="dspark-smollm2-135m", help="every run's training settings")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base-preset setting")
+    parser.add_argument("--data", required=True, help="feature cache (dspark data cache) or answers folder, shared by every run")
+    parser.add_argument("--holdout", required=True, help="held-out training-split prompts (calibration)")
+    parser.add_argument("--benchmarks", nargs="+", required=True, help="evaluation prompt files or folders")
+    parser.add_argument("--steps", type=int, required=True, help="optimizer steps per run (the equal budget)")
+    parser.add_argument("--limit", type=int, default=10, help="prompts per benchmark")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--calibrate-limit", type=int, default=32)
+    parser.add_argument("--latency-repeats", type=int, default=30)
+    parser.add_argument("--only", nargs="*", default=None, help=f"runs to do (default all): {', '.join(RUNS)}")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="stop training after this long (checkpoint saved); rerun to continue")
+    parser.add_argument("--work", default="runs/reproduce", help="checkpoints and raw evaluation results")
+    parser.add_argument("--out", default="docs/results/reproduce")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.only or [] if n not in RUNS]
+    if unknown:
+        parser.error(f"unknown run(s) {', '.join(unknown)}; choose from: {', '.join(RUNS)}")
+    if not benchmark_files(args.benchmarks):
+        parser.error(f"no benchmark files in {' '.join(args.benchmarks)}")
+    deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
+    command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    repro = Reproduction(args)
+    complete = True
+    for name in args.only or list(RUNS):
+        if not repro.run(name, deadline):
+            complete = False
+            print(f"[{name}] training stopped by the time budget; rerun the same command to continue", flush=True)
+            break
+        write_report(repro.state, Path(args.out), command)
+    write_report(repro.state, Path(args.out), command)
+    print(f"report: {Path(args.out) / 'report.md'}" + ("" if complete else " (partial)"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

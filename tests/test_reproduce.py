@@ -1,0 +1,78 @@
+"""benchmarks/reproduce.py end to end on a tiny target: every run trains on the same data with the
+same steps, DSpark runs are calibrated, all are evaluated at T = 0 and T = 1 against plain decoding,
+the report states each claim, and a rerun redoes nothing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from dspark.data.prompts import read_prompts
+from dspark.data.regenerate import RegenerateConfig, regenerate_local
+from dspark.models.target import load_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+
+
+@pytest.fixture(scope="module")
+def reproduce():
+    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def setup(tiny_dirs, tmp_path):
+    target_dir = str(tiny_dirs["llama"])
+    prompts = tmp_path / "train.jsonl"
+    prompts.write_text("\n".join(json.dumps({"turns": [f"w{5 + i} w{9 + i} w{30 + i}"]}) for i in range(6)) + "\n")
+    regenerate_local(load_model(target_dir, "fp32"), read_prompts([prompts]), tmp_path / "data",
+                     RegenerateConfig(max_new_tokens=24, batch_size=6), progress=False)
+    holdout = tmp_path / "holdout.jsonl"
+    holdout.write_text(json.dumps({"turns": ["w3 w4 w5"]}) + "\n")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("\n".join(json.dumps({"turns": [f"w{40 + i} w{41 + i}"]}) for i in range(2)) + "\n")
+    argv = ["--target", target_dir, "--base-preset", "tiny", "--set", "num_anchors=16", "--data", str(tmp_path / "data"),
+            "--holdout", str(holdout), "--benchmarks", str(bench), "--steps", "2", "--limit", "1", "--max-new-tokens", "8",
+            "--calibrate-limit", "1", "--latency-repeats", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    return argv, tmp_path
+
+
+def test_every_run_trains_equally_is_evaluated_and_reported(reproduce, setup):
+    argv, tmp_path = setup
+    assert reproduce.main(argv) == 0
+    state = json.loads((tmp_path / "work" / "state.json").read_text())
+    assert list(state["runs"]) == list(reproduce.RUNS)
+    for name, run in state["runs"].items():
+        arch = reproduce.RUNS[name][0]
+        assert run["train"]["steps"] == 2 and run["train"]["tokens_seen"] == state["runs"]["dspark-b7"]["train"]["tokens_seen"]
+        assert ("calibrate" in run) == (arch == "dspark")
+        config = json.loads((Path(run["train"]["drafter"]) / "config.json").read_text())["config"]
+        block = reproduce.RUNS[name][1].get("block_size", 4)  # the tiny preset's block
+        assert config["block_size"] == block
+        for t in ("0", "1"):
+            ev = run[f"eval_t{t}"]
+            assert ev["benchmarks"]["bench"]["accept_length"] >= 1.0
+            assert len(ev["conditional_acceptance"]) == block
+        assert run["latency"]["draft_round_ms"] > 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Table 1, T = 1" in report and "Fig. 4" in report and "not run yet" not in report.split("RNN head")[0]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {c["holds"] for c in results["claims"]} <= {True, False, None}
+    assert (tmp_path / "out" / "tau_macro.png").is_file()
+    before = (tmp_path / "work" / "state.json").read_text()
+    assert reproduce.main(argv) == 0  # a rerun redoes nothing
+    assert (tmp_path / "work" / "state.json").read_text() == before
+
+
+def test_other_settings_are_refused_and_unknown_runs_named(reproduce, setup):
+    argv, tmp_path = setup
+    assert reproduce.main(argv + ["--only", "dflash-b4"]) == 0
+    with pytest.raises(SystemExit, match="other settings"):
+        reproduce.main([a if a != "2" else "3" for a in argv])
+    with pytest.raises(SystemExit):
+        reproduce.main(argv + ["--only", "dspark-b99"])
