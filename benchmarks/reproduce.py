@@ -66,7 +66,7 @@ def run_config(base: TrainConfig, arch: str, drafter: dict, steps: int) -> Train
         cfg = replace(base, arch="eagle3", drafter={"block_size": settings.get("block_size", 7)})
     else:
         cfg = replace(base, arch="dspark", drafter=settings)
-    return replace(cfg, max_steps=steps, save_every=min(base.save_every, steps) if steps else base.save_every)
+    return replace(cfg, max_steps=steps, save_every=min(base.save_every, steps))
 
 
 def machine() -> dict:
@@ -269,7 +269,8 @@ def write_report(state: dict, out: Path, command: str) -> None:
     for name, r in runs.items():
         lat, cal, tr = r.get("latency", {}), r.get("calibrate"), r.get("train", {})
         ece = f"{100 * cal['ece_mean_before']:.1f}% -> {100 * cal['ece_mean_after']:.1f}%" if cal else "-"
-        wall = [f"{r[s]['seconds'] / 60:.1f} min" if s in r else "-" for s in ("train", "calibrate", "eval_t0", "eval_t1")]
+        seconds = {s: r[s].get("step_seconds", r[s]["seconds"]) for s in ("train", "calibrate", "eval_t0", "eval_t1") if s in r}
+        wall = [f"{seconds[s] / 60:.1f} min" if s in seconds else "-" for s in ("train", "calibrate", "eval_t0", "eval_t1")]
         mach = tr.get("machine", {})
         lines.append(f"| {name} | {lat.get('draft_round_ms', float('nan')):.2f} | {lat.get('draft_round_over_target_step', float('nan')):.2f} "
                      f"| {ece} | {tr.get('steps', '-')} | {tr.get('tokens_seen', '-')} | " + " | ".join(wall)
@@ -348,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="runs/reproduce", help="checkpoints and raw evaluation results")
     parser.add_argument("--out", default="docs/results/reproduce")
     args = parser.parse_args(argv)
+    if args.steps <= 0:
+        parser.error(f"--steps must be a positive number of optimizer steps, got {args.steps}")
     unknown = [n for n in args.only or [] if n not in RUNS]
     if unknown:
         parser.error(f"unknown run(s) {', '.join(unknown)}; choose from: {', '.join(RUNS)}")
