@@ -34,6 +34,7 @@ import torch
 import dspark
 from dspark.drafters.checkpoint import load_drafter
 from dspark.eval.metrics import summarize_rounds
+from dspark.engine.profile import device_name
 from dspark.eval.runner import EvalConfig, benchmark_files, calibrate_drafter, run_eval
 from dspark.models.target import load_model
 from dspark.train.trainer import Trainer, TrainConfig, apply_overrides, as_dflash, get_preset
@@ -41,7 +42,7 @@ from dspark.train.trainer import Trainer, TrainConfig, apply_overrides, as_dflas
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_drafters import draft_round_ms, target_step_ms  # noqa: E402
 
-# name -> (architecture, drafter settings over the base preset's); the claim each serves is in CLAIMS.
+# name -> (architecture, drafter settings over the base preset's); the claims they serve are in claims().
 RUNS = {
     "dspark-b7": ("dspark", {}),
     "dflash-b7": ("dflash", {}),
@@ -70,17 +71,9 @@ def run_config(base: TrainConfig, arch: str, drafter: dict, steps: int) -> Train
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
-            "python": platform.python_version(), "torch": torch.__version__, "dspark": dspark.__version__}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {"device": device_name(device), "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "dspark": dspark.__version__}
 
 
 def macro(per_benchmark: dict, key: str = "accept_length") -> float:
@@ -240,10 +233,11 @@ def write_report(state: dict, out: Path, command: str) -> None:
     runs = state["runs"]
     out.mkdir(parents=True, exist_ok=True)
     files = write_plots(runs, out)
+    rows = claims(runs)
     lines = ["# DSpark vs DFlash vs Eagle3 at equal budget", "", "Made by:", "", "```bash", command, "```", "",
              f"Settings: {json.dumps(state['settings'])}", "", "## Claims", "",
              "| claim | measured | goal | holds |", "|---|---|---|---|"]
-    for row in claims(runs):
+    for row in rows:
         holds = {True: "yes", False: "**no**", None: "-"}[row["holds"]]
         lines.append(f"| {row['claim']} | {row['measured'] or 'not run yet'} | {row['goal']} | {holds} |")
     benches = sorted({b for r in runs.values() for b in r.get("eval_t1", {}).get("benchmarks", {})})
@@ -274,13 +268,11 @@ def write_report(state: dict, out: Path, command: str) -> None:
         mach = tr.get("machine", {})
         lines.append(f"| {name} | {lat.get('draft_round_ms', float('nan')):.2f} | {lat.get('draft_round_over_target_step', float('nan')):.2f} "
                      f"| {ece} | {tr.get('steps', '-')} | {tr.get('tokens_seen', '-')} | " + " | ".join(wall)
-                     + f" | {mach.get('cpu', '-')}, {mach.get('threads', '-')} threads, torch {mach.get('torch', '-')}, "
-                     f"dspark {mach.get('dspark', '-')} |")
+                     + f" | {mach.get('device', '-')}, torch {mach.get('torch', '-')}, dspark {mach.get('dspark', '-')} |")
     if files:
         lines += ["", "## Plots", ""] + [f"![{Path(f).stem}]({f})" for f in files]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    public = {"settings": state["settings"], "command": command, "claims": claims(runs),
-              "runs": {n: {k: v for k, v in r.items()} for n, r in runs.items()}}
+    public = {"settings": state["settings"], "command": command, "claims": rows, "runs": runs}
     (out / "results.json").write_text(json.dumps(public, indent=2))
 
 
@@ -321,9 +313,9 @@ def write_plots(runs: dict, out: Path) -> list[str]:
         fig.savefig(out / "conditional_acceptance.png", dpi=120)
         plt.close(fig)
         files.append("conditional_acceptance.png")
-    for name, r in runs.items():  # the eval's own threshold-sweep and reliability plots, T = 1
-        eval_dir = Path(r.get("eval_t1", {}).get("eval_dir", "")) if "eval_t1" in r else None
-        if eval_dir and eval_dir.is_dir():
+    for name, r in runs.items():  # the T = 1 evaluation's own threshold-sweep plots
+        eval_dir = Path(r["eval_t1"]["eval_dir"]) if "eval_t1" in r else None
+        if eval_dir is not None and eval_dir.is_dir():
             for png in sorted(eval_dir.glob("threshold_sweep_*.png")):
                 shutil.copyfile(png, out / f"{name}_{png.name}")
                 files.append(f"{name}_{png.name}")
@@ -359,14 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
     command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
     repro = Reproduction(args)
-    complete = True
     for name in args.only or list(RUNS):
-        if not repro.run(name, deadline):
-            complete = False
+        complete = repro.run(name, deadline)
+        write_report(repro.state, Path(args.out), command)  # after every run: a partial report is kept
+        if not complete:
             print(f"[{name}] training stopped by the time budget; rerun the same command to continue", flush=True)
             break
-        write_report(repro.state, Path(args.out), command)
-    write_report(repro.state, Path(args.out), command)
     print(f"report: {Path(args.out) / 'report.md'}" + ("" if complete else " (partial)"))
     return 0
 

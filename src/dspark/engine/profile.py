@@ -109,9 +109,10 @@ def _seconds(fn: Callable[[], object], repeats: int, warmup: int, device: torch.
     return times
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The device as cost tables and reports name it: GPU model, or CPU with its vector and bf16 units."""
     if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
+        return f"cuda:{torch.cuda.getdevice_name(device)}"
     # The vector unit and bf16 matrix units change what a block costs several-fold (AVX2 CPUs
     # emulate bf16 products), and platform.processor() is often empty on Linux: name them.
     units = torch.backends.cpu.get_cpu_capability() + (" bf16-units" if native_bf16_matmul(device) else "")
@@ -237,7 +238,7 @@ def profile_target(
         wide = (grow[block_size + 1] - grow[1]) / block_size if block_size else 0.0
         context_s[r] = (grow[1], max(0.0, wide))
     meta = {
-        "device": _device_name(device), "torch": torch.__version__, "dtype": str(target.model.dtype).removeprefix("torch."),
+        "device": device_name(device), "torch": torch.__version__, "dtype": str(target.model.dtype).removeprefix("torch."),
         "target": target.spec, "target_fingerprint": target.fingerprint, "context": context,
         "longer_context": longer,
         "block_size": block_size, "repeats": repeats, "rows": {str(b): layout[b] for b in points},
@@ -265,7 +266,7 @@ def profile_cache_path(target: LoadedModel, settings: dict) -> Path:
     device = target.model.device
     key = {
         "version": CACHE_VERSION, "platform": platform.platform(), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "device": _device_name(device),
+        "torch": torch.__version__, "device": device_name(device),
         "target": target.fingerprint, "dtype": str(target.model.dtype), "settings": settings,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:24]
