@@ -77,6 +77,27 @@ def test_greedy_identity_when_drafts_do_get_accepted(vocab4_target, kind):
     assert sum(o.stats.num_accepted for o in outs) > 0
 
 
+@pytest.mark.parametrize("kind", ["dspark-vanilla", "dflash", "eagle3"])
+def test_rounded_key_counts_change_no_draft_and_no_output(vocab4_target, kind, monkeypatch):
+    """Target and drafter attention reading masked keys past the live ones (as bf16 does on CPUs,
+    see attention_width) draft, accept and output exactly what exact key counts do."""
+    from dspark.models import llama
+
+    target = vocab4_target
+    extra = {} if kind == "eagle3" else {"mask_token_id": 3} if kind == "dflash" else {"mask_token_id": 3, "markov_rank": 4}
+    prompts = [[0, 2, 3, 2], [0, 3, 3], [0, 2, 2, 3, 2, 3]]
+    stop = StopParams(max_new_tokens=24, ignore_eos=True)
+    runs = []
+    for bucket in (1, 8):
+        monkeypatch.setattr(llama, "key_bucket", lambda dtype, device, b=bucket: b)
+        engine = Engine(target, make(kind, target, seed=1, **extra), EngineConfig(block_size=5, max_batch_size=3, max_seq_len=64))
+        runs.append(engine.generate([Request(p, stop=stop) for p in prompts]))
+    for prompt, exact, rounded in zip(prompts, *runs):
+        assert rounded.token_ids == exact.token_ids == reference_greedy(target.model, prompt, 24)
+        assert rounded.stats.round_log == exact.stats.round_log  # the same drafts were accepted
+    assert sum(o.stats.num_accepted for o in runs[1]) > 0
+
+
 # --------------------------------------------------------------------------- distribution (vocab 4)
 @pytest.fixture(scope="module")
 def vocab4_target(tmp_path_factory):

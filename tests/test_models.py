@@ -150,3 +150,38 @@ def test_a_long_fresh_prefill_takes_the_causal_path_and_matches_transformers(tin
     with torch.no_grad():
         expected = ref(ids[None]).logits
     torch.testing.assert_close(forward(native, ids, new_cache(native)).logits.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_width_rounds_bf16_key_counts_up_within_the_buffer(monkeypatch):
+    from dspark.models import llama
+
+    cpu = torch.device("cpu")
+    assert llama.attention_width(100, 1000, torch.float32, cpu) == 100  # only bf16 is ever rounded
+    monkeypatch.setattr(llama, "native_bf16_matmul", lambda device: True)
+    assert llama.attention_width(100, 1000, torch.bfloat16, cpu) == 128
+    assert llama.attention_width(128, 1000, torch.bfloat16, cpu) == 128
+    assert llama.attention_width(100, 110, torch.bfloat16, cpu) == 110  # never past the buffer
+    monkeypatch.setattr(llama, "native_bf16_matmul", lambda device: False)
+    assert llama.attention_width(100, 1000, torch.bfloat16, cpu) == 100
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_rounded_key_counts_leave_decoding_unchanged(tiny_dirs, family, monkeypatch):
+    """Decode and verify steps that read keys past the live ones (masked; here stale rejected
+    drafts) give the logits of a fresh full forward."""
+    from dspark.models import llama
+
+    monkeypatch.setattr(llama, "key_bucket", lambda dtype, device: 8)
+    model, _ = load_native_model(tiny_dirs[family], torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, model.args.vocab_size, (21,), generator=gen)
+    cache = new_cache(model)
+    forward(model, ids[:5], cache)
+    forward(model, torch.randint(0, model.args.vocab_size, (6,), generator=gen), cache, start=5)  # rejected
+    cache.set_length(0, 5)
+    ctx = model.build_context(torch.tensor([[5]]), torch.tensor([0]), cache)
+    assert ctx.num_keys == 8  # 6 live keys, read as 8: the rounding is exercised
+    steps = [forward(model, ids[i : i + 1], cache, start=i).logits[0, 0] for i in range(5, 13)]
+    steps.append(forward(model, ids[13:21], cache, start=13).logits[0])  # an 8-token verify step
+    full = forward(model, ids, new_cache(model)).logits[0]
+    torch.testing.assert_close(torch.cat([torch.stack(steps[:8]), steps[8]]), full[5:], atol=1e-10, rtol=1e-10)

@@ -26,7 +26,8 @@ from dspark.drafters.heads import HEAD_TYPES, ConfidenceHead, build_sequential_h
 from dspark.errors import DSparkError
 from dspark.models.kv_cache import KVCache, build_kv_cache, write_rows
 from dspark.models.gemma import GemmaArgs, GemmaDecoderLayer, GemmaLayerArgs, GemmaRMSNorm, softcap
-from dspark.models.llama import DecoderLayer, ModelArgs, RMSNorm, apply_rope, grouped_attention, rope_tables
+from dspark.models.llama import (DecoderLayer, ModelArgs, RMSNorm, apply_rope, attention_width, grouped_attention,
+                                 rope_tables)
 from dspark.sampling import logits_to_probs, sample_rows
 
 
@@ -395,10 +396,10 @@ class DSparkDrafter:
         ctx_lens = torch.tensor([self.cache.lengths[s] for s in slots])
         for r, n in zip(live, ctx_lens.tolist()):
             assert n == len(r.token_ids) - 1, "context must cover every committed token but the pending one"
-        width = int(ctx_lens.max())
+        dtype = model.fc.weight.dtype
+        width = attention_width(int(ctx_lens.max()), self.cache.capacity, dtype, model.fc.weight.device)
         anchors = torch.tensor([r.token_ids[-1] for r in live])
         positions = ctx_lens[:, None] + torch.arange(k_len)
-        dtype = model.fc.weight.dtype
         cos, sin = model.rope(positions, dtype)
         ctx_visible = torch.arange(width)[None, :] < ctx_lens[:, None]  # [B, T]
         mask = torch.cat([ctx_visible[:, None, :].expand(-1, k_len, -1),

@@ -28,7 +28,7 @@ from dspark.drafters.dspark import (
 from dspark.errors import DSparkError
 from dspark.models.kv_cache import KVCache, build_kv_cache, write_rows
 from dspark.models.gemma import GemmaMLP, GemmaRMSNorm, softcap
-from dspark.models.llama import MLP, ModelArgs, RMSNorm, apply_rope, grouped_attention
+from dspark.models.llama import MLP, ModelArgs, RMSNorm, apply_rope, attention_width, grouped_attention
 from dspark.sampling import logits_to_probs, sample_rows
 
 
@@ -223,7 +223,8 @@ class Eagle3Drafter:
         slot_t = torch.tensor(slots)
         write_rows(self.cache.keys[0], slot_t, positions, k.transpose(1, 2), num_new)
         write_rows(self.cache.values[0], slot_t, positions, v.transpose(1, 2), num_new)
-        width = int((positions[:, 0] + num_new).max())  # keys up to the last real position
+        # Keys up to the last real position (or a few past it, masked: see attention_width).
+        width = attention_width(int((positions[:, 0] + num_new).max()), self.cache.capacity, dtype, model.fc.weight.device)
         mask = torch.arange(width)[None, None, :] <= positions[:, :, None]  # causal by position
         out = grouped_attention(q, self.cache.keys[0][slot_t, :, :width], self.cache.values[0][slot_t, :, :width],
                                 mask[:, None], layer.self_attn.scale)

@@ -167,6 +167,31 @@ def grouped_attention(
     return torch.matmul(probs, v.to(compute)).to(q.dtype).view(bsz, heads, n, dim)
 
 
+KEY_BUCKET = 64  # key-count granularity of small-query bf16 attention on CPUs (see attention_width)
+
+
+def key_bucket(dtype: torch.dtype, device: torch.device) -> int:
+    """The multiple that attention_width rounds key counts up to: KEY_BUCKET for bf16 on CPUs with
+    native bf16 units, else 1 (no rounding)."""
+    if dtype == torch.bfloat16 and device.type == "cpu" and native_bf16_matmul(device):
+        return KEY_BUCKET
+    return 1
+
+
+def attention_width(num_keys: int, capacity: int, dtype: torch.dtype, device: torch.device) -> int:
+    """How many cached keys a small-query attention reads when `num_keys` are live.
+
+    On CPUs with native bf16 units, oneDNN builds a kernel for every new shape of a bf16 product
+    (1-3 ms each, against ~50 us for the product itself), and a decode step that attends over
+    exactly its live keys meets a new shape at every token. There the count is rounded up to a
+    multiple of the bucket (within the buffer's `capacity`): the keys past the live ones are masked
+    (probability exactly 0; the buffers hold zeros or finite stale values), and the few shapes that
+    remain are built once and then reused. Elsewhere the count is returned unchanged.
+    """
+    bucket = key_bucket(dtype, device)
+    return max(num_keys, min(-(-num_keys // bucket) * bucket, capacity))
+
+
 @functools.cache
 def native_bf16_matmul(device: torch.device) -> bool:
     """Whether bf16 matrix products run on native units here (CUDA, or CPUs with AVX512-BF16 or
@@ -399,6 +424,8 @@ class Transformer(nn.Module):
         pack = real_token_index(None if num_new is None else num_new.to(positions.device), positions.shape[1])
         # Keys up to the last real position (padding may point past the buffer; it is never written).
         num_keys = int((positions if pack is None else positions.reshape(-1)[pack]).max()) + 1
+        if positions.shape[1] <= SMALL_QUERY:  # decode and verify steps: a reusable key count
+            num_keys = attention_width(num_keys, cache.capacity, self.dtype, self.device)
         cos, sin = self.rope(positions)
         slot_list = slots.tolist()
         contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(slot_list)))
