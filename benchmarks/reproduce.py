@@ -12,7 +12,8 @@ against plain decoding (each run's own baseline, measured beside it), and its dr
 (`runs/cache` and `runs/holdout_prompts.jsonl` are made as docs/training.md shows, from the answers in
 datasets/smollm2-135m-v2.) Resumable: rerun the same command after a kill or a `--time-budget`
 stop; finished stages are skipped and training resumes from its newest checkpoint. `--only` runs a
-subset. docs/results/reproduce/ gets results.json, report.md (the claims against their goals, the
+subset. A new --work folder keeps the finished runs that --out's results.json reports with the same
+settings, so the runs can be spread over several machines or days (rebuild the same cache first). docs/results/reproduce/ gets results.json, report.md (the claims against their goals, the
 command, versions, machine and wall time of each stage) and PNG plots.
 """
 
@@ -55,6 +56,7 @@ RUNS = {
     "dspark-rnn-b7": ("dspark", {"markov_head_type": "rnn"}),
 }
 TEMPERATURES = (0.0, 1.0)
+FINAL_STAGE = "latency"  # a run whose record has it is finished
 
 
 def run_config(base: TrainConfig, arch: str, drafter: dict, steps: int) -> TrainConfig:
@@ -104,9 +106,23 @@ class Reproduction:
             changed = sorted(k for k in self.settings if state["settings"].get(k) != self.settings[k])
             raise SystemExit(f"{self.work} holds runs made with other settings ({', '.join(changed)}); "
                              "use another --work (nothing was changed)")
-        self.state = state or {"settings": self.settings, "runs": {}}
+        self.state = state or {"settings": self.settings, "runs": self.reported_runs()}
         self.target = load_model(args.target, "bf16")
         self.base = apply_overrides(get_preset(args.base_preset), args.set)
+
+    def reported_runs(self) -> dict:
+        """Finished runs of an earlier report in --out made with these settings: a new work folder
+        (another machine, or checkpoints since deleted) adds runs to the report instead of redoing it."""
+        file = self.out / "results.json"
+        if not file.is_file():
+            return {}
+        report = json.loads(file.read_text())
+        if report.get("settings") != self.settings:
+            return {}
+        done = {name: run for name, run in report["runs"].items() if name in RUNS and FINAL_STAGE in run}
+        if done:
+            print(f"{file}: {len(done)} finished run(s) kept ({', '.join(done)})", flush=True)
+        return done
 
     def save(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")
@@ -154,7 +170,7 @@ class Reproduction:
                 plot=False))
         for temperature in TEMPERATURES:
             self.stage(name, f"eval_t{temperature:g}", lambda t=temperature: self.evaluate(name, drafter_dir, t))
-        self.stage(name, "latency", lambda: self.latency(drafter_dir))
+        self.stage(name, FINAL_STAGE, lambda: self.latency(drafter_dir))
         return True
 
     def evaluate(self, name: str, drafter_dir: str, temperature: float) -> dict:
@@ -318,7 +334,8 @@ def write_plots(runs: dict, out: Path) -> list[str]:
         if eval_dir is not None and eval_dir.is_dir():
             for png in sorted(eval_dir.glob("threshold_sweep_*.png")):
                 shutil.copyfile(png, out / f"{name}_{png.name}")
-                files.append(f"{name}_{png.name}")
+        # copied now, or by the run that evaluated it (its eval folder may be gone since)
+        files += [png.name for png in sorted(out.glob(f"{name}_threshold_sweep_*.png"))]
     return files
 
 

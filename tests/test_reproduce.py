@@ -76,3 +76,19 @@ def test_other_settings_are_refused_and_unknown_runs_named(reproduce, setup):
         reproduce.main([a if a != "2" else "3" for a in argv])
     with pytest.raises(SystemExit):
         reproduce.main(argv + ["--only", "dspark-b99"])
+
+
+def test_a_new_work_folder_keeps_the_reported_runs(reproduce, setup):
+    """Runs spread over several machines: the report in --out carries finished runs over to a new
+    work folder, and only what is missing is trained."""
+    argv, tmp_path = setup
+    assert reproduce.main(argv + ["--only", "dflash-b4"]) == 0
+    first = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]["dflash-b4"]
+    work2 = tmp_path / "work2"
+    argv2 = [str(work2) if a == str(tmp_path / "work") else a for a in argv]
+    assert reproduce.main(argv2 + ["--only", "dflash-b4", "dspark-1l"]) == 0
+    state = json.loads((work2 / "state.json").read_text())
+    assert state["runs"]["dflash-b4"] == first and not (work2 / "dflash-b4").exists()  # kept, not redone
+    assert (work2 / "dspark-1l" / "train").is_dir() and "latency" in state["runs"]["dspark-1l"]
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(report["runs"]) == {"dflash-b4", "dspark-1l"}
