@@ -77,6 +77,24 @@ def test_eval_cli(capsys, tiny_dirs, tmp_path):
     assert "benchmark" in capsys.readouterr().err
 
 
+def test_eval_policy_caps_verification_and_belongs_to_the_settings(target, tiny_dirs, tmp_path, capsys):
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text("\n".join(json.dumps({"turns": [f"w{i} w{i + 1} w{i} w{i + 1} w{i} w{i + 1}"]}) for i in range(5, 8)))
+    runs = {}
+    for policy in ("fixed", "fixed:1"):
+        cfg = runner.EvalConfig(temperature=0.0, block_size=3, max_new_tokens=12, policy=policy)
+        results = runner.run_eval(target, {"ngram": NgramDrafter()}, [str(bench)], tmp_path / policy, cfg, plots=False)
+        runs[policy] = results["benchmarks"]["bench"]["drafters"]["ngram"]
+    assert runs["fixed"]["verified_per_round"] > runs["fixed:1"]["verified_per_round"] > 0
+    assert "policy fixed:1" in (tmp_path / "fixed:1" / "report.md").read_text()
+    with pytest.raises(DSparkError, match="policy"):  # one folder, one policy
+        runner.run_eval(target, {"ngram": NgramDrafter()}, [str(bench)], tmp_path / "fixed:1",
+                        runner.EvalConfig(temperature=0.0, block_size=3, max_new_tokens=12), plots=False)
+    assert main(["eval", "--target", str(tiny_dirs["llama"]), "--drafter", "ngram", "--benchmarks", str(bench),
+                 "--out", str(tmp_path / "bad"), "--policy", "sometimes", "--dtype", "fp32"]) == 2
+    assert "valid: auto, none, fixed" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 # ------------------------------------------------------------------------------------ calibration
 def _synthetic_rounds(n: int, k: int, scale: float, seed: int):
     """Rounds whose true conditional acceptance is sigmoid(z); the scores are over-confident logits scale*z."""

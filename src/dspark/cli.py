@@ -446,6 +446,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=1, help="requests decoded together (speedups hold at this batch)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (JSON and Markdown only)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--policy", default="fixed",
+                   help="verification policy, as for generate (default fixed: every draft is verified, the "
+                        "drafter's own tau; auto: what `dspark generate` and `dspark serve` do on this machine)")
     p.set_defaults(func=run_eval_command)
 
 
@@ -486,15 +489,18 @@ def run_calibrate_command(args) -> int:
 
 def run_eval_command(args) -> int:
     from dspark.drafters.registry import build_drafter
+    from dspark.engine.policy_spec import check_policy_spec
     from dspark.eval.runner import EvalConfig, run_eval
     from dspark.models.target import load_model
 
     for spec in args.benchmarks:
         if not Path(spec).exists():
             raise DSparkError(f"benchmark {spec!r} does not exist")
+    check_policy_spec(args.policy, args.block_size)
     target = load_model(args.target, args.dtype)
     drafters = {name: build_drafter(name, target, args.draft_model, args.dtype) for name in args.drafter}
-    cfg = EvalConfig(args.temperature, args.block_size, args.max_new_tokens, args.limit, args.batch_size)
+    cfg = EvalConfig(args.temperature, args.block_size, args.max_new_tokens, args.limit, args.batch_size,
+                     policy=args.policy)
     run_eval(target, drafters, args.benchmarks, args.out, cfg, plots=not args.no_plots)
     print((Path(args.out) / "report.md").read_text())
     return 0

@@ -28,6 +28,21 @@ AUTO = "auto"
 PROGRESS_EVERY_S = 10.0  # a background profile logs how far it got at most this often
 
 
+def check_policy_spec(spec: str, block_size: int) -> None:
+    """Refuse a bad policy spec (naming the valid ones) before anything slow is loaded."""
+    from dspark.engine.cost import CostTable
+    from dspark.engine.scheduler import POLICY_NAMES, build_policy
+
+    name = spec.strip().partition(":")[0]
+    if name not in (AUTO, *POLICY_NAMES):
+        raise DSparkError(f"unknown verification policy {spec!r}; valid: {', '.join((AUTO, *POLICY_NAMES))}")
+    if name == AUTO:
+        if spec.strip() != AUTO:
+            raise DSparkError(f"policy {AUTO!r} takes no parameter, got {spec!r}")
+        return
+    build_policy(spec, block_size, CostTable.flat())
+
+
 def resolve_policy(spec: str, target: LoadedModel, drafter: Drafter, config: EngineConfig,
                    cost: str | Path | None = None, threshold: float | None = None, *, defer: bool = False,
                    cached: bool = False, fallback: str = "fixed") -> Policy:
@@ -39,25 +54,21 @@ def resolve_policy(spec: str, target: LoadedModel, drafter: Drafter, config: Eng
     what this engine can send: now (once, at start-up), or with `defer` as a `DeferredPolicy` that
     verifies with `fallback` (fixed: every draft) until its background profile, cached per machine,
     is ready; auto's fallback is none (plain decoding), which never costs more than not drafting."""
-    from dspark.engine.scheduler import DEFAULT_THRESHOLD, POLICY_NAMES, build_policy
+    from dspark.engine.scheduler import DEFAULT_THRESHOLD, build_policy
 
     name = spec.strip().partition(":")[0]
+    check_policy_spec(spec, config.block_size)
     if name == AUTO:
-        if spec.strip() != AUTO:
-            raise DSparkError(f"policy {AUTO!r} takes no parameter, got {spec!r}")
         if getattr(drafter, "name", None) == "none":  # nothing is drafted: nothing to schedule
             return build_policy("none", config.block_size)
         return resolve_policy("scheduled", target, drafter, config, cost, threshold, defer=defer, cached=True,
                               fallback="none")
-    if name not in POLICY_NAMES:
-        raise DSparkError(f"unknown verification policy {spec!r}; valid: {', '.join((AUTO, *POLICY_NAMES))}")
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     table = None
     if name in NEEDS_COST:
         from dspark.engine.cost import CostTable
 
         if cost is None and defer:
-            build_policy(spec, config.block_size, CostTable.flat(), threshold)  # a bad spec fails now, not later
             settings = profile_settings(target, drafter, config)
 
             def build(run, progress) -> Policy:

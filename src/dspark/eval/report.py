@@ -29,7 +29,7 @@ def report_markdown(results: dict) -> str:
     cfg = results["config"]
     k = cfg["block_size"]
     lines = [f"# Evaluation (temperature {cfg['temperature']}, block size {k}, max {cfg['max_new_tokens']} new tokens, "
-             f"batch {cfg.get('batch_size', 1)})", "",
+             f"batch {cfg.get('batch_size', 1)}, policy {cfg.get('policy', 'fixed')})", "",
              "tau = committed tokens per verify round, bonus included; speedup = tokens/s against plain decoding "
              "of the same target in the same run.", ""]
     rows = []

@@ -57,6 +57,9 @@ class EvalConfig:
     limit: int | None = None
     batch_size: int = 1
     thresholds: tuple[float, ...] = field(default=THRESHOLDS)
+    # Verification policy (dspark generate's --policy): fixed verifies every draft (the drafter's own
+    # tau, as DeepSpec's evaluator measures it); auto is what `dspark generate` and `serve` do.
+    policy: str = "fixed"
 
 
 def benchmark_files(specs: list[str]) -> list[Path]:
@@ -69,8 +72,11 @@ def benchmark_files(specs: list[str]) -> list[Path]:
 
 def run_pair(target, drafter, prompt_ids: list[list[int]], cfg: EvalConfig, desc: str) -> dict:
     """One drafter over one benchmark: metrics plus the raw per-round logs (kept for pooling)."""
+    from dspark.engine.policy_spec import resolve_policy
+
     max_len = max(map(len, prompt_ids)) + cfg.max_new_tokens
     engine = Engine(target, drafter, EngineConfig(block_size=cfg.block_size, max_batch_size=cfg.batch_size, max_seq_len=max_len))
+    policy = resolve_policy(cfg.policy, target, drafter, engine.config, cached=True)  # a fresh state per pair
     rounds: list = []
     confidences: list = []
     tokens, seconds = 0, 0.0
@@ -79,7 +85,7 @@ def run_pair(target, drafter, prompt_ids: list[list[int]], cfg: EvalConfig, desc
         batch = [Request(ids, SamplingParams(cfg.temperature, seed=SEED + start + j), StopParams(cfg.max_new_tokens), request_id=start + j)
                  for j, ids in enumerate(prompt_ids[start : start + cfg.batch_size])]
         t0 = time.perf_counter()
-        outs = engine.generate(batch)
+        outs = engine.generate(batch, policy)
         seconds += time.perf_counter() - t0
         for out in sorted(outs, key=lambda o: o.request_id):
             rounds.extend(out.stats.round_log)
@@ -120,7 +126,7 @@ def _check_resumable(out: Path, cfg: EvalConfig) -> None:
     file = out / "eval_config.json"
     current = json.loads(json.dumps(asdict(cfg)))
     if file.is_file():
-        previous = json.loads(file.read_text())
+        previous = {"policy": "fixed", **json.loads(file.read_text())}  # folders from before --policy
         if previous != current:
             changed = sorted(k for k in current if previous.get(k) != current[k])
             raise DSparkError(f"{out} holds results made with other settings ({', '.join(changed)}: "
