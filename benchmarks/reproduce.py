@@ -13,8 +13,9 @@ against plain decoding (each run's own baseline, measured beside it), and its dr
 datasets/smollm2-135m-v2.) Resumable: rerun the same command after a kill or a `--time-budget`
 stop; finished stages are skipped and training resumes from its newest checkpoint. `--only` runs a
 subset. A new --work folder keeps the finished runs that --out's results.json reports with the same
-settings, so the runs can be spread over several machines or days (rebuild the same cache first). docs/results/reproduce/ gets results.json, report.md (the claims against their goals, the
-command, versions, machine and wall time of each stage) and PNG plots.
+settings, so the runs can be spread over several machines or days (rebuild the same cache first).
+docs/results/reproduce/ gets results.json, report.md (the claims against their goals, the command,
+versions, machine and wall time of each stage) and PNG plots.
 """
 
 from __future__ import annotations

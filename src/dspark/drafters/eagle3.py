@@ -224,7 +224,8 @@ class Eagle3Drafter:
         write_rows(self.cache.keys[0], slot_t, positions, k.transpose(1, 2), num_new)
         write_rows(self.cache.values[0], slot_t, positions, v.transpose(1, 2), num_new)
         # Keys up to the last real position (or a few past it, masked: see attention_width).
-        width = attention_width(int((positions[:, 0] + num_new).max()), self.cache.capacity, dtype, model.fc.weight.device)
+        width = attention_width(int((positions[:, 0] + num_new).max()), self.cache.capacity, dtype,
+                                model.fc.weight.device)
         mask = torch.arange(width)[None, None, :] <= positions[:, :, None]  # causal by position
         out = grouped_attention(q, self.cache.keys[0][slot_t, :, :width], self.cache.values[0][slot_t, :, :width],
                                 mask[:, None], layer.self_attn.scale)
