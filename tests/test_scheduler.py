@@ -470,9 +470,9 @@ class Recorder:
         self.full_lengths.update(n for r, p, n in zip(requests, proposals, lengths) if min(len(p), r.max_tokens) >= 2)
         return lengths
 
-    def observe(self, requests, lengths, num_accepted):
+    def observe(self, requests, lengths, num_accepted, survival=None):
         if hasattr(self.policy, "observe"):
-            self.policy.observe(requests, lengths, num_accepted)
+            self.policy.observe(requests, lengths, num_accepted, survival=survival)
 
     def plan(self, requests, draft_seconds):
         plan = getattr(self.policy, "plan", None)
@@ -690,6 +690,85 @@ def test_draft_gate_judges_confident_picks_only_after_a_few_rounds():
         gate.record([4], [4], [0], confident=True)  # every pick rejected
     assert decisions[:5] == [True] * 5 and not any(decisions[5:]), decisions
     assert gate.seen >= gate.min_seen
+
+
+def test_draft_gate_weighs_expected_gains_when_given_survival():
+    """With VerifyResult.survival the gate counts sum(survival[:n]) for the policy's n, the expected
+    accepted count given the drafts, instead of the realised one (a forced probe's longer
+    verification included: only the first n prefixes count)."""
+    cost = CostTable.gpu_shaped(knee=16, base_ms=10.0, ms_per_token=1.0)
+    gate = DraftGate(cost, OnlineAcceptance())
+    gate.record([2, 1], [4, 4], [0, 3], confident=True, survival=[[0.5, 0.25, 0.1], [0.9, 0.8, 0.7]])
+    assert gate.gained == pytest.approx(0.75 + 0.9) and gate.verified == 3 and gate.seen == 2
+    gate = DraftGate(cost, OnlineAcceptance())
+    gate.record([2, 1], [4, 4], [0, 3], confident=True)  # realised: min(a, n)
+    assert gate.gained == 1
+
+
+def test_engine_tells_the_policy_each_verified_prefixs_survival(vocab4_pair):
+    """observe() gets VerifyResult.survival: one probability per verified draft, falling along the
+    row; at T = 0 it is the realised outcome, at T = 1 its sum averages num_accepted."""
+    target, draft = vocab4_pair
+    seen: list[tuple[list[int], list[int], list[list[float]]]] = []
+
+    class Spy:
+        def __call__(self, requests, proposals):
+            return [min(len(p), 3) for p in proposals]
+
+        def observe(self, requests, lengths, num_accepted, survival=None):
+            seen.append((list(lengths), list(num_accepted), survival))
+
+    engine = Engine(target, DraftModelDrafter(draft), EngineConfig(block_size=3, max_batch_size=2, max_seq_len=64))
+    for temperature in (0.0, 1.0):
+        seen.clear()
+        engine.generate([Request(list(VOCAB4_PROMPT), SamplingParams(temperature, seed=s), StopParams(40))
+                         for s in range(2)], Spy())
+        rows = [(n, a, row) for lengths, accepted, survival in seen for n, a, row in zip(lengths, accepted, survival)]
+        assert rows and all(len(row) == n and row == sorted(row, reverse=True) for n, _, row in rows)
+        if temperature == 0.0:
+            assert all(row == [1.0] * a + [0.0] * (n - a) for n, a, row in rows)
+        else:
+            gap = sum(sum(row) - a for n, a, row in rows) / len(rows)
+            assert abs(gap) < 0.25 and any(0.0 < x < 1.0 for _, _, row in rows for x in row)
+
+
+def test_closed_draft_gate_reopens_when_probes_find_drafting_pays():
+    """Closing shortens the gate's memory to `min_seen` request-rounds at the same ratio, so that
+    probes weigh enough to reopen it. At full memory a probe moved the average by 1/16, and after a
+    poor stretch the builtin drafter's gate stayed shut for most of a GSM8K run at T = 1."""
+    cost = CostTable.gpu_shaped(knee=16, base_ms=10.0, ms_per_token=1.0)  # ~10 ms a round of 1
+    draft_s = 0.006  # drafting pays when a round gains more than 0.6 drafts: (1 + g) / 16 ms > 1 / 10 ms
+
+    def closed_rounds(shorten: bool, probe_gains: list[int], limit: int = 5000) -> tuple[int, int]:
+        """(rounds, probes) from closing until the gate reopens (`limit` if it does not)."""
+        gate = DraftGate(cost, OnlineAcceptance())
+        if not shorten:
+            gate._shorten_memory = lambda: None
+        for _ in range(16):  # a good stretch: 2 drafts gained of 4 verified
+            assert gate.allow([4], draft_s)
+            gate.record([4], [4], [2], confident=True)
+        while True:  # then nothing accepted, until it closes
+            ratio = gate.gained / gate.seen
+            if not gate.allow([4], draft_s):
+                break
+            gate.record([4], [4], [0], confident=True)
+        if shorten:  # the same ratio (so the same decision), at the weight of min_seen rounds
+            assert gate.seen == gate.min_seen and gate.gained / gate.seen == pytest.approx(ratio)
+        probes = 0
+        for rounds in range(1, limit):
+            if gate.allow([4], draft_s):
+                if not gate.probing:
+                    return rounds, probes
+                gate.record([4], [4], [probe_gains[probes % len(probe_gains)]], confident=True)
+                probes += 1
+        return limit, probes
+
+    # Probes that gain 2/3 a round on average (noisy, as at T = 1): drafting pays again.
+    rounds, probes = closed_rounds(True, [0, 0, 2])
+    full_rounds, full_probes = closed_rounds(False, [0, 0, 2])  # the mutation: each probe weighed 1/16
+    assert probes == 3 and full_probes >= 6 and full_rounds > 3 * rounds
+    # Probes that gain 1/2 a round: drafting does not pay, and the shorter memory keeps it closed.
+    assert closed_rounds(True, [0, 1])[0] == 5000
 
 
 def test_confident_policy_feeds_its_gate_its_own_lengths():

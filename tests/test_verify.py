@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from dspark.config import SamplingParams
@@ -121,3 +122,49 @@ def test_every_combination_of_draft_lengths_is_handled():
         params = [SamplingParams(temperature=1.0)] * 3
         result = verify_ragged(logits, drafts, [None] * 3, params, [gen] * 3)
         assert all(0 <= a <= n for a, n in zip(result.num_accepted, lengths))
+
+
+def test_prefix_survival_is_the_expected_accept_count_given_the_drafts():
+    """survival[k-1] = P(first k drafts accepted | drafts); exact by enumerating the accept tests
+    (each draft's acceptance is min(1, target / draft), independent given the drafts), and the
+    realised mean of num_accepted over many draws matches its sum."""
+    from dspark.engine.verify import prefix_survival
+
+    gen = torch.Generator().manual_seed(7)
+    v, n = 5, 3
+    target = torch.stack([random_dist(v, gen, zeros=1) for _ in range(n + 1)])
+    draft = torch.stack([random_dist(v, gen, zeros=1) for _ in range(n)])
+    draft[1, 2], draft[1] = 0.0, draft[1] / draft[1].sum()  # a token the drafter gave no mass
+    target[1, 2] = 0.3  # ... and the target some: accepted surely
+    target[1] /= target[1].sum()
+    tokens = torch.tensor([int(draft[0].argmax()), 2, int(target[2].argmin())])
+    ratios = [min(1.0, float(target[k, t] / draft[k, t])) if draft[k, t] > 0 else float(target[k, t] > 0)
+              for k, t in enumerate(tokens.tolist())]
+    want = list(itertools.accumulate(ratios, lambda a, b: a * b))
+    survival = prefix_survival(target, tokens, draft, greedy=False)
+    assert survival == pytest.approx(want, abs=1e-15) and ratios[1] == 1.0
+    sampler = torch.Generator().manual_seed(8)
+    draws = [verify_row(target, tokens, draft, False, sampler)[0] for _ in range(20_000)]
+    mean, sd = sum(draws) / len(draws), float(torch.tensor(draws, dtype=torch.float64).std())
+    assert abs(mean - sum(want)) < 5 * sd / len(draws) ** 0.5  # false failure ~6e-7
+    # Point-mass drafts: the target's own probability; greedy: the matching prefix, as verify_row.
+    assert prefix_survival(target, tokens, None, greedy=False) == pytest.approx(
+        list(itertools.accumulate([float(target[k, t]) for k, t in enumerate(tokens.tolist())], lambda a, b: a * b)))
+    logits = torch.eye(5)[[1, 2, 4, 0]]
+    assert prefix_survival(logits, torch.tensor([1, 2, 3]), None, greedy=True) == [1.0, 1.0, 0.0]
+    assert prefix_survival(logits, torch.tensor([0, 2]), None, greedy=True) == [0.0, 0.0]
+    assert prefix_survival(logits[:1], torch.tensor([], dtype=torch.long), None, greedy=True) == []
+
+
+def test_ragged_verification_reports_each_rows_survival():
+    gen = torch.Generator().manual_seed(9)
+    lengths = [0, 3, 1]
+    logits = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64)
+    drafts = [torch.randint(0, 6, (n,), generator=gen) for n in lengths]
+    dprobs = [torch.softmax(torch.randn(n, 6, generator=gen, dtype=torch.float64), -1) for n in lengths]
+    for params in ([SamplingParams(temperature=0.7, seed=s) for s in range(3)], [SamplingParams()] * 3):
+        result = verify_ragged(logits, drafts, dprobs, params, [torch.Generator().manual_seed(i) for i in range(3)])
+        assert [len(s) for s in result.survival] == lengths
+        assert all(all(0.0 <= x <= 1.0 for x in s) and s == sorted(s, reverse=True) for s in result.survival)
+        if params[0].greedy:  # greedy: survival is the realised outcome
+            assert [round(sum(s)) for s in result.survival] == result.num_accepted

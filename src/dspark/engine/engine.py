@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 DRAFT_TIMES = 8  # drafting rounds whose median time plan() is told
 
 # policy(draft_requests, proposals) -> verification length per row, each in [0, len(proposal)].
-# A policy may also define observe(draft_requests, lengths, num_accepted), called after each
-# verification (e.g. to estimate acceptance for drafters without confidences), and
+# A policy may also define observe(draft_requests, lengths, num_accepted, survival=None), called
+# after each verification (e.g. to estimate acceptance for drafters without confidences; survival:
+# per row, VerifyResult.survival, each verified prefix's acceptance probability given the drafts), and
 # plan(draft_requests, draft_seconds) -> most tokens each request may draft, called before drafting
 # with the engine's recent draft time per round. A policy must decide a row's length for position k
 # without looking at the drafted token at k (paper Appendix A).
@@ -325,16 +326,19 @@ class Engine:
         # Row by row (each with its own generator, so the draws are those of one batched call), so
         # that a row whose verification raises fails alone.
         verdicts: list[tuple[int, int] | Exception] = []
+        survival: list[list[float]] = []
         for row, s in enumerate(states):
             try:
                 one = verify_ragged(out.logits[row : row + 1], drafts[row : row + 1], draft_probs[row : row + 1],
                                     [s.request.sampling], [s.generator])
                 verdicts.append((one.num_accepted[0], one.next_tokens[0]))
+                survival.append(one.survival[0])
             except Exception as exc:  # noqa: BLE001
                 verdicts.append(exc)
+                survival.append([0.0] * lengths[row])
         observe = getattr(policy, "observe", None)
         if observe is not None:  # a failed row counts as nothing accepted (it leaves the batch now)
-            observe(requests, lengths, [v[0] if isinstance(v, tuple) else 0 for v in verdicts])
+            observe(requests, lengths, [v[0] if isinstance(v, tuple) else 0 for v in verdicts], survival=survival)
         finished = []
         for row, (s, verdict) in enumerate(zip(states, verdicts)):
             if isinstance(verdict, Exception):

@@ -150,10 +150,10 @@ class DeferredPolicy:
         plan = getattr(self.current, "plan", None)
         return list(plan(requests, draft_seconds)) if plan is not None else [r.max_tokens for r in requests]
 
-    def observe(self, requests, lengths, num_accepted) -> None:
+    def observe(self, requests, lengths, num_accepted, survival=None) -> None:
         observe = getattr(self.current, "observe", None)
         if observe is not None:
-            observe(requests, lengths, num_accepted)
+            observe(requests, lengths, num_accepted, survival=survival)
 
     def start(self, run: Callable) -> threading.Thread:
         """Profile (or read the cached profile) on a daemon thread, then switch through `run`."""

@@ -9,7 +9,7 @@ equals the target's argmax, then emit the argmax.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,9 @@ RESIDUAL_EPS = 1e-12
 class VerifyResult:
     num_accepted: list[int]  # accepted drafts per row
     next_tokens: list[int]  # recovered (num_accepted < num_draft) or bonus token per row
+    # Per row, for k = 1..n: the probability, given the drafted tokens, that the first k drafts are
+    # all accepted (see prefix_survival); its sum is the expected num_accepted.
+    survival: list[list[float]] = field(default_factory=list)
 
 
 def residual_probs(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
@@ -37,6 +40,39 @@ def residual_probs(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> tor
     if float(mass) <= RESIDUAL_EPS:
         return target_probs
     return residual / mass
+
+
+def _drafted_probs(target_probs: torch.Tensor, draft_tokens: torch.Tensor,
+                   draft_probs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's and the drafter's probability of each drafted token ([n] each; the drafter's is
+    1 for point-mass drafts)."""
+    rows = torch.arange(int(draft_tokens.numel()))
+    p_target = target_probs[rows, draft_tokens]
+    p_draft = draft_probs[rows, draft_tokens] if draft_probs is not None else torch.ones_like(p_target)
+    return p_target, p_draft
+
+
+def prefix_survival(target_probs: torch.Tensor, draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None,
+                    greedy: bool) -> list[float]:
+    """For k = 1..n, the probability that verification accepts the first k drafts, given them.
+
+    Greedy: 1 while the drafts match the argmax, then 0 (what verification does). Sampled: the
+    product of min(1, target / draft) over the first k, each draft's acceptance probability given
+    its prefix (the target's row k is conditioned on drafts < k). The sum is E[num_accepted | drafts]:
+    the same mean as the realised count without the noise of the acceptance draws, which at
+    temperature 1 is most of a round's variance. Arguments as verify_row's."""
+    n = int(draft_tokens.numel())
+    if n == 0:
+        return []
+    if greedy:
+        accept = (target_probs[:n].argmax(-1) == draft_tokens).double()
+    else:
+        p_target, p_draft = (t.double() for t in _drafted_probs(target_probs, draft_tokens, draft_probs))
+        # As verify_row's test `uniform * draft < target`: a draft the drafter gave 0 is accepted
+        # surely where the target gives it mass, never where it does not.
+        accept = torch.where(p_draft > 0, (p_target / p_draft.clamp_min(1e-300)).clamp(max=1.0),
+                             (p_target > 0).double())
+    return accept.cumprod(0).tolist()
 
 
 def verify_row(
@@ -58,9 +94,7 @@ def verify_row(
         return num_accepted, int(argmax[num_accepted])
     num_accepted = n
     if n:
-        rows = torch.arange(n)
-        p_target = target_probs[rows, draft_tokens]
-        p_draft = draft_probs[rows, draft_tokens] if draft_probs is not None else torch.ones_like(p_target)
+        p_target, p_draft = _drafted_probs(target_probs, draft_tokens, draft_probs)
         uniform = torch.rand(n, generator=generator, dtype=target_probs.dtype)
         # Accept with probability min(1, target / draft), written without a division.
         accepted = (uniform * p_draft < p_target).int()
@@ -91,7 +125,7 @@ def verify_ragged(
     pending token and each of its n_b = len(draft_tokens[b]) drafts (n_b = 0 allowed); the rest is
     padding. draft_probs[b] is [n_b, V] (warped like the target) or None for point-mass drafts.
     """
-    num_accepted, next_tokens = [], []
+    num_accepted, next_tokens, survival = [], [], []
     for row, tokens in enumerate(draft_tokens):
         n = int(tokens.numel())
         logits = target_logits[row, : n + 1]
@@ -100,4 +134,5 @@ def verify_ragged(
         a, token = verify_row(probs, tokens, draft_probs[row], params[row].greedy, generators[row])
         num_accepted.append(a)
         next_tokens.append(token)
-    return VerifyResult(num_accepted, next_tokens)
+        survival.append(prefix_survival(probs, tokens, draft_probs[row], params[row].greedy))
+    return VerifyResult(num_accepted, next_tokens, survival)
