@@ -262,6 +262,23 @@ def test_online_acceptance_counts_conditional_trials():
     assert est.estimate(4) == pytest.approx([3 / 5, (1 + 2 * 2 / 3) / 4, (1 + 2 * 1 / 2) / 3, 3 / 5])
 
 
+def test_online_acceptance_learns_expected_counts_from_survival():
+    """Given verification's survival, position j counts the probability that draft j was reached
+    (survival[j-1]) and accepted (survival[j]); at T = 0 (survival 1 then 0) that is exactly the
+    realised count, and the per-request and per-outcome counts learn the same."""
+    realised, expected = OnlineAcceptance(decay=1.0), OnlineAcceptance(decay=1.0)
+    realised.update([3, 2], [1, 2], keys=["a", "b"])
+    expected.update([3, 2], [1, 2], keys=["a", "b"], survival=[[1.0, 0.0, 0.0], [1.0, 1.0]])
+    assert (expected.trials, expected.accepts) == (realised.trials, realised.accepts) == ([2, 2], [2, 1])
+    assert expected.requests == realised.requests and expected.by_outcome == realised.by_outcome
+    assert expected.outcomes == realised.outcomes == {"a": "rejected", "b": "accepted"}
+    acc = OnlineAcceptance(decay=1.0)
+    acc.update([3], [0], survival=[[0.5, 0.4, 0.1]])  # a T = 1 round whose first draft was rejected
+    assert acc.trials == pytest.approx([1.0, 0.5, 0.4]) and acc.accepts == pytest.approx([0.5, 0.4, 0.1])
+    # Beta(1, 1) prior: position 1 (0.5 + 1) / (1 + 2); position 2's prior mean from position 3
+    assert acc.estimate(1) == pytest.approx([1.5 / 3])
+
+
 def test_online_acceptance_starts_rarely_verified_deep_positions_from_the_shallower_ones():
     """n-gram drafts are all or nothing: once two are accepted the rest usually are. A deep position
     the scheduler has not verified yet must not sit at a flat 0.5 (then it would never be verified

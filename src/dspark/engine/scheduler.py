@@ -262,7 +262,7 @@ class OnlineAcceptance:
         self.request_decay = request_decay
         self.trials: list[float] = []  # rounds where draft j was verified and drafts < j accepted (decayed)
         self.accepts: list[float] = []  # of those, rounds where draft j was accepted (decayed)
-        self.requests: dict[object, tuple[list[int], list[int]]] = {}  # request key -> (trials, accepts)
+        self.requests: dict[object, tuple[list[float], list[float]]] = {}  # request key -> (trials, accepts)
         # Request key -> how its previous round ended ("accepted": every verified draft was;
         # "rejected"; "unverified"), and pooled counts per such outcome, decayed with the pooled ones.
         self.outcomes: dict[object, str] = {}
@@ -298,8 +298,16 @@ class OnlineAcceptance:
         keys = keys if keys is not None else [None] * len(max_lengths)
         return [list(c) if c is not None else self.estimate(m, k) for c, m, k in zip(confidences, max_lengths, keys)]
 
-    def update(self, lengths: Sequence[int], num_accepted: Sequence[int], keys: Sequence[object] | None = None) -> None:
-        """Record a round. With `keys`, requests absent from it have finished and are forgotten."""
+    def update(self, lengths: Sequence[int], num_accepted: Sequence[int], keys: Sequence[object] | None = None,
+               survival: Sequence[Sequence[float]] | None = None) -> None:
+        """Record a round. With `keys`, requests absent from it have finished and are forgotten.
+
+        With `survival` (VerifyResult.survival, each verified prefix's acceptance probability given
+        the drafts), position j counts survival[j-1] trials and survival[j] accepts (1 trial at
+        j = 1): the probability that verification reached draft j and accepted it, instead of
+        whether it did. The same expectation without the noise of the acceptance draws (an n-gram
+        draft at T = 1 counts the target's probability of it), from every verified draft. At T = 0
+        it is the realised count."""
         if keys is not None:
             live = set(keys)
             for key in [k for k in self.outcomes if k not in live]:  # finished
@@ -315,6 +323,13 @@ class OnlineAcceptance:
                                for o, (t, a) in self.by_outcome.items()}
         for row, (length, a) in enumerate(zip(lengths, num_accepted)):
             tried = min(length, a + 1)  # drafts 1..a accepted, draft a+1 (if verified) rejected
+            if survival is not None:  # expected counts over every verified draft
+                reached = [1.0, *survival[row][: length - 1]]
+                while reached[-1] == 0.0:  # drafts never reached add nothing (as realised counts)
+                    reached.pop()
+                got = list(survival[row][: len(reached)])
+            else:
+                reached, got = [1.0] * tried, [float(j < a) for j in range(tried)]
             if tried == 0:
                 if keys is not None:
                     self.outcomes[keys[row]] = "unverified"
@@ -326,12 +341,12 @@ class OnlineAcceptance:
                 counts.append(self.by_outcome.setdefault(self.outcomes.get(keys[row], "new"), ([], [])))
                 self.outcomes[keys[row]] = "accepted" if a >= length else "rejected"
             for trials, accepts in counts:
-                if tried > len(trials):
-                    trials.extend([0] * (tried - len(trials)))
-                    accepts.extend([0] * (tried - len(accepts)))
-                for j in range(tried):
-                    trials[j] += 1
-                    accepts[j] += int(j < a)
+                if len(reached) > len(trials):
+                    trials.extend([0.0] * (len(reached) - len(trials)))
+                    accepts.extend([0.0] * (len(reached) - len(accepts)))
+                for j, (n, s) in enumerate(zip(reached, got)):
+                    trials[j] += n
+                    accepts[j] += s
 
 
 def longest_context(requests: Sequence[DraftRequest]) -> int | None:
@@ -638,7 +653,7 @@ class EstimatedPolicy:
         return [i in chosen for i in range(len(estimated))]
 
     def record(self, lengths, num_accepted, keys=None, survival=None) -> None:
-        self.acceptance.update(lengths, num_accepted, keys)
+        self.acceptance.update(lengths, num_accepted, keys, survival)
         if self.gate is not None and self._chosen is not None:
             chosen, caps, confident = self._chosen
             self.gate.record(chosen, caps, num_accepted, confident, survival)
