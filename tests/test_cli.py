@@ -165,8 +165,8 @@ def test_smollm2_chat_generation_on_humaneval_prompts(capsys, smollm2_dir, tmp_p
 
 @pytest.mark.slow
 def test_the_builtin_drafter_is_the_default_lossless_and_accepted(capsys, smollm2_dir):
-    """The quick start's drafter: `auto` picks the builtin DSpark drafter for SmolLM2; greedy output
-    equals plain decoding (fp32) and drafts are accepted."""
+    """The quick start's drafter: `auto` picks the builtin DSpark drafter behind prompt lookup for
+    SmolLM2; greedy output equals plain decoding (fp32) and drafts are accepted."""
     from dspark.drafters.registry import builtin_drafters
 
     if "smollm2-135m-dspark" not in builtin_drafters():
@@ -180,7 +180,9 @@ def test_the_builtin_drafter_is_the_default_lossless_and_accepted(capsys, smollm
     assert auto["token_ids"] == json_lines(out)[0]["token_ids"]
     assert auto["accept_length"] > 1.2
     code, _, err = run(capsys, *argv)
-    assert code == 0 and "[builtin smollm2-135m-dspark]" in err and "accept length" in err
+    assert code == 0 and "[builtin smollm2-135m-dspark+ngram]" in err and "accept length" in err
+    code, _, err = run(capsys, *argv, "--drafter", "builtin")
+    assert code == 0 and "[builtin smollm2-135m-dspark]" in err
     assert main(["drafter", "info", "smollm2-135m-dspark"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["config"]["draft_vocab_size"] > 0 and "card" in info and "calibration" in info
@@ -238,6 +240,14 @@ def test_profile_then_simulate(capsys, tiny_dirs, tmp_path):
     free = json.loads((tmp_path / "free" / "simulation.json").read_text())[0]
     charged = next(r for r in rows if r["policy"] == "fixed:3" and r["concurrency"] == 2)
     assert free["tokens_per_s"] > charged["tokens_per_s"]  # the same rounds without the drafter's time
+    assert main(["simulate", "--profile", str(cost), "--trace", str(trace), "--concurrency", "2", "--draft-ms", "1000",
+                 "--policies", "fixed:3", "--steps", "8", "--out", str(tmp_path / "slow")]) == 0
+    slow = json.loads((tmp_path / "slow" / "simulation.json").read_text())[0]
+    assert slow["tokens_per_s"] < min(charged["tokens_per_s"], 8 * 2 * 4 / (8 * 1.0))  # 1 s per round charged
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["simulate", "--profile", str(cost), "--trace", str(trace), "--draft-ms", "-1", "--out", str(tmp_path / "s3")])
+    assert "expected a positive finite number, got -1" in capsys.readouterr().err
     assert main(["simulate", "--profile", str(cost), "--trace", str(trace), "--policies", "bogus", "--out", str(tmp_path / "s2")]) == 2
     assert "none, fixed" in capsys.readouterr().err
 

@@ -15,6 +15,7 @@ from dspark.drafters.checkpoint import (
 )
 from dspark.drafters.dspark import DSparkDrafter, default_target_layer_ids, dflash_config
 from dspark.drafters.eagle3 import Eagle3Drafter, build_eagle3_model, new_eagle3_config
+from dspark.drafters.simple import LookupFirstDrafter
 from dspark.engine.engine import Engine, Request
 from dspark.errors import DSparkError
 from dspark.models.target import load_model, reference_greedy
@@ -51,9 +52,14 @@ def make(kind: str, target, seed: int = 0, **overrides):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("block_size", [1, 3, 7])
 def test_greedy_identity_with_random_drafters(qwen3_target, kind, block_size):
-    target = qwen3_target
-    engine = Engine(target, make(kind, target), EngineConfig(block_size=block_size, max_batch_size=3, max_seq_len=64))
-    rng = random.Random(block_size)
+    assert_greedy_identity(qwen3_target, make(kind, qwen3_target), block_size, seed=block_size)
+
+
+def assert_greedy_identity(target, drafter, block_size: int, seed: int = 0) -> None:
+    """PROMPTS decoded at batch 3, verifying every draft and then random prefixes of them, equal
+    plain greedy decoding."""
+    engine = Engine(target, drafter, EngineConfig(block_size=block_size, max_batch_size=3, max_seq_len=64))
+    rng = random.Random(seed)
     policy = lambda reqs, props: [rng.randint(0, len(p)) for p in props]  # noqa: E731  (ignores the tokens)
     requests = [Request(p, stop=StopParams(max_new_tokens=m)) for p, m in zip(PROMPTS, [14, 9, 12])]
     for run_policy in (None, policy):
@@ -116,6 +122,44 @@ def test_sequence_distribution_with_sequential_heads(vocab4_target, kind, case):
     # effect on a later draft (given the earlier sampled one) is part of what is checked.
     tv, bound = sampled_tv(vocab4_target, drafter, DIST_CASES[case], 20_000, block_size=3, num_tokens=4)
     assert tv < bound, f"TV {tv:.4f} >= {bound:.4f} (null mean + 4 sigma: false-failure probability < 1e-4)"
+
+
+@pytest.mark.parametrize("inner", ["dspark-vanilla", "eagle3"])
+def test_sequence_distribution_with_lookup_in_front(vocab4_target, inner):
+    """`<drafter>+ngram`: rounds mix point-mass lookup drafts and the model drafter's sampled ones,
+    across requests and across rounds of one request; the sequences keep the target's law."""
+    extra = {} if inner == "eagle3" else {"mask_token_id": 3, "markov_rank": 4}
+    drafter = LookupFirstDrafter(make(inner, vocab4_target, **extra), min_match=2)
+    tv, bound = sampled_tv(vocab4_target, drafter, DIST_CASES["T=1"], 20_000, block_size=3, num_tokens=5)
+    assert 0 < drafter.looked_up < drafter.proposed  # both proposed, in the same runs
+    assert tv < bound, f"TV {tv:.4f} >= {bound:.4f} (null mean + 4 sigma: false-failure probability < 1e-4)"
+
+
+@pytest.mark.parametrize("kind", ["dspark-vanilla", "dflash", "eagle3"])
+def test_greedy_identity_with_lookup_in_front(qwen3_target, kind):
+    """The prompts repeat, so lookup drafts some rounds and the model drafter the others; the model
+    drafter must follow the rounds it did not draft (its context check fails otherwise)."""
+    drafter = LookupFirstDrafter(make(kind, qwen3_target), min_match=2)
+    assert_greedy_identity(qwen3_target, drafter, block_size=4)
+    assert 0 < drafter.looked_up < drafter.proposed
+    assert drafter.name == f"{drafter.inner.name}+ngram" and drafter.feature_layers == drafter.inner.feature_layers
+
+
+def test_lookup_goes_in_front_of_model_drafters_only(qwen3_target, tmp_path):
+    from dspark.drafters import registry
+    from dspark.drafters.simple import NgramDrafter, NoDrafter
+
+    for inner in (NgramDrafter(), NoDrafter()):
+        with pytest.raises(DSparkError, match="goes after a model drafter"):
+            LookupFirstDrafter(inner)
+    with pytest.raises(DSparkError, match="goes after a model drafter.*'ngram'"):
+        registry.build_drafter("ngram+ngram", qwen3_target)
+    with pytest.raises(DSparkError, match="unknown drafter 'nowhere'"):
+        registry.build_drafter("nowhere+ngram", qwen3_target)
+    save_drafter(make("dspark-vanilla", qwen3_target).model, tmp_path / "d")
+    built = registry.build_drafter(f"{tmp_path / 'd'}+ngram", qwen3_target)
+    assert isinstance(built, LookupFirstDrafter) and isinstance(built.inner, DSparkDrafter)
+    assert registry.resolve_drafter_name(f"{tmp_path / 'd'}+ngram", qwen3_target) == f"{tmp_path / 'd'}+ngram"
 
 
 # ------------------------------------------------------------------------------------- identities
@@ -474,8 +518,12 @@ def test_auto_picks_the_targets_builtin_drafter_else_ngram(qwen3_target, tiny_di
         registry.build_drafter("builtin", qwen3_target)
     drafter = make("dspark-vocab", qwen3_target, seed=2)
     save_drafter(drafter.model, tmp_path / "builtin" / "tiny-dspark")
-    for name in ("auto", "builtin", "tiny-dspark"):
+    for name in ("builtin", "tiny-dspark"):
         built = registry.build_drafter(name, qwen3_target)
         assert isinstance(built, DSparkDrafter) and torch.equal(built.model.draft_vocab, drafter.model.draft_vocab)
+    for name in ("auto", "auto+ngram", "builtin+ngram"):  # auto: the builtin drafter behind prompt lookup
+        built = registry.build_drafter(name, qwen3_target)
+        assert isinstance(built, LookupFirstDrafter) and isinstance(built.inner, DSparkDrafter)
+        assert torch.equal(built.inner.model.draft_vocab, drafter.model.draft_vocab)
     other = load_model(str(tiny_dirs["llama"]), "fp64")  # another target: its auto stays ngram
     assert isinstance(registry.build_drafter("auto", other), NgramDrafter)

@@ -128,24 +128,21 @@ def vocab4(tmp_path_factory):
 
 
 def exact_joint(model, prompt, params: SamplingParams, num_tokens: int) -> dict[tuple, float]:
-    """Exact probabilities of every sequence of num_tokens tokens, from target-only full forwards."""
+    """Exact probabilities of every sequence of num_tokens tokens, from target-only full forwards
+    (one batched forward per depth over every prefix of that length)."""
     from dspark.sampling import logits_to_probs
 
-    a = model.args
-
-    def next_probs(ids):
-        cache = model.build_cache(1, len(ids), headroom=0)
-        logits = model(torch.tensor([ids]), torch.arange(len(ids))[None], torch.tensor([0]), cache).logits[0, -1]
-        return logits_to_probs(logits, params)
-
-    joint = {}
-    for seq in itertools.product(range(a.vocab_size), repeat=num_tokens):
-        prob, ids = 1.0, list(prompt)
-        for token in seq:
-            prob *= float(next_probs(ids)[token])
-            ids.append(token)
-        joint[seq] = prob
-    return joint
+    prob_of, level = {(): 1.0}, [()]
+    for _ in range(num_tokens):
+        ids = torch.tensor([list(prompt) + list(prefix) for prefix in level])
+        rows, length = ids.shape
+        cache = model.build_cache(rows, length, headroom=0)
+        logits = model(ids, torch.arange(length).expand(rows, length), torch.arange(rows), cache).logits[:, -1]
+        probs = logits_to_probs(logits, params).tolist()
+        level = [prefix + (token,) for prefix in level for token in range(model.args.vocab_size)]
+        for i, seq in enumerate(level):
+            prob_of[seq] = prob_of[seq[:-1]] * probs[i // model.args.vocab_size][seq[-1]]
+    return {seq: prob_of[seq] for seq in level}
 
 
 def sampled_tv(target, drafter, params, num_samples, block_size, num_tokens=3, policy=None):

@@ -60,7 +60,8 @@ def test_every_run_trains_equally_is_evaluated_and_reported(reproduce, setup):
             assert len(ev["conditional_acceptance"]) == block
         assert run["latency"]["draft_round_ms"] > 0
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "Table 1, T = 1" in report and "Fig. 4" in report and "not run yet" not in report.split("RNN head")[0]
+    assert "Table 1, T = 1: macro tau DSpark / DFlash" in report and "Table 1, T = 0: macro tau DSpark / Eagle3" in report
+    assert "Fig. 4" in report and "not run yet" not in report.split("RNN head")[0]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {c["holds"] for c in results["claims"]} <= {True, False, None}
     assert (tmp_path / "out" / "tau_macro.png").is_file()
@@ -92,3 +93,8 @@ def test_a_new_work_folder_keeps_the_reported_runs(reproduce, setup):
     assert (work2 / "dspark-1l" / "train").is_dir() and "latency" in state["runs"]["dspark-1l"]
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(report["runs"]) == {"dflash-b4", "dspark-1l"}
+    # each run names the command that started it, and the report shows both
+    assert report["runs"]["dflash-b4"]["command"].endswith("--only dflash-b4")
+    assert report["runs"]["dspark-1l"]["command"].endswith("--only dflash-b4 dspark-1l")
+    made = (tmp_path / "out" / "report.md").read_text().split("Settings:")[0]
+    assert "--only dflash-b4    # dflash-b4" in made and "--only dflash-b4 dspark-1l    # dspark-1l" in made

@@ -21,6 +21,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -62,7 +72,7 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--target", default="smollm2-135m",
                    help=f"builtin name ({', '.join(BUILTIN_MODELS)}), a .gguf file, or a HF model folder")
     p.add_argument("--drafter", default="auto",
-                   help=f"one of: {', '.join(DRAFTERS)} (auto: the target's builtin DSpark drafter, else ngram)")
+                   help=f"one of: {', '.join(DRAFTERS)} (auto: the target's builtin DSpark drafter behind prompt lookup, else ngram)")
     p.add_argument("--draft-model", help="model spec for --drafter draft-model (same forms as --target)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
@@ -203,7 +213,10 @@ def run_drafter_init(args) -> int:
 def _drafter_label(resolved: str) -> str:
     """How a summary line names the drafter: a builtin drafter by its name, others as given."""
     from dspark.drafters.registry import builtin_drafters
+    from dspark.drafters.simple import LOOKUP_SUFFIX
 
+    if resolved.endswith(LOOKUP_SUFFIX) and len(resolved) > len(LOOKUP_SUFFIX):
+        return _drafter_label(resolved[: -len(LOOKUP_SUFFIX)]) + LOOKUP_SUFFIX
     for name, folder in builtin_drafters().items():
         if str(folder) == resolved:
             return f"builtin {name}"
@@ -533,7 +546,7 @@ def add_serve_parser(sub) -> None:
                        epilog=SERVE_STARTUP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--drafter", default="auto",
-                   help="auto (the target's builtin DSpark drafter, else ngram), builtin, ngram, none, draft-model or a drafter folder")
+                   help="auto (the target's builtin DSpark drafter behind prompt lookup, else ngram), builtin, ngram, none, draft-model, a drafter folder, or a model drafter + ngram")
     p.add_argument("--draft-model", help="model spec for --drafter draft-model")
     p.add_argument("--policy", default="auto",
                    help="auto (default: scheduled on this machine's cost table, plain decoding until it is ready; "
@@ -669,6 +682,9 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-draft-cost", action="store_true",
                    help="leave out the drafter's time even if the table has it (dspark profile --drafter)")
+    p.add_argument("--draft-ms", type=_positive_float, default=None,
+                   help="charge this many ms per drafting round at every request count instead of the table's "
+                        "drafter timing (what would a slower or faster drafter buy)")
     p.add_argument("--replay", choices=("positions", "rounds"), default="positions",
                    help="positions: a round that commits less than its record did replays the rest of that record "
                         "next (same work per request for every policy); rounds: one record per round")
@@ -681,7 +697,10 @@ def run_simulate(args) -> int:
     from dspark.engine.simulate import plot_simulation, results_to_json, simulate
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    results = simulate(args.trace, CostTable.load(args.profile), policies, args.concurrency, steps=args.steps, seed=args.seed,
+    cost = CostTable.load(args.profile)
+    if args.draft_ms is not None:
+        cost = cost.with_draft_time(args.draft_ms / 1000)
+    results = simulate(args.trace, cost, policies, args.concurrency, steps=args.steps, seed=args.seed,
                        draft_cost=not args.no_draft_cost, replay=args.replay)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

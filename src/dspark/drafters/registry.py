@@ -10,11 +10,12 @@ from pathlib import Path
 from dspark.drafters.base import Drafter
 from dspark.drafters.checkpoint import load_drafter
 from dspark.drafters.draft_model import DraftModelDrafter, check_same_vocabulary
-from dspark.drafters.simple import NgramDrafter, NoDrafter
+from dspark.drafters.simple import LOOKUP_SUFFIX, LookupFirstDrafter, NgramDrafter, NoDrafter
 from dspark.errors import DSparkError
 from dspark.models.target import LoadedModel, load_model
 
-DRAFTERS = ("auto", "builtin", "none", "ngram", "draft-model", "a drafter folder (dspark drafter init / training)")
+DRAFTERS = ("auto", "builtin", "none", "ngram", "draft-model", "a drafter folder (dspark drafter init / training)",
+            "any of these model drafters + ngram (prompt lookup first, e.g. builtin+ngram)")
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 
 
@@ -35,12 +36,18 @@ def builtin_drafter_for(target: LoadedModel) -> Path | None:
 
 
 def resolve_drafter_name(name: str, target: LoadedModel) -> str:
-    """What `auto` and `builtin` stand for with this target: a builtin folder's path, or `ngram`."""
+    """What a drafter name stands for with this target. `builtin`: the target's builtin drafter
+    folder (an error without one); `auto`: that folder with prompt lookup in front (`<folder>+ngram`,
+    the fastest measured default, docs/drafters.md), or `ngram` for targets without one;
+    `<name>+ngram`: <name> resolved, the suffix kept."""
+    if name.endswith(LOOKUP_SUFFIX) and len(name) > len(LOOKUP_SUFFIX):
+        inner = resolve_drafter_name(name[: -len(LOOKUP_SUFFIX)], target)
+        return inner if inner.endswith(LOOKUP_SUFFIX) else inner + LOOKUP_SUFFIX
     if name not in ("auto", "builtin"):
         return str(builtin_drafters().get(name, name))
     folder = builtin_drafter_for(target)
     if folder is not None:
-        return str(folder)
+        return str(folder) + (LOOKUP_SUFFIX if name == "auto" else "")
     if name == "builtin":
         names = ", ".join(builtin_drafters()) or "none"
         raise DSparkError(f"target {target.spec!r} has no builtin drafter (builtin drafters: {names}); "
@@ -51,9 +58,12 @@ def resolve_drafter_name(name: str, target: LoadedModel) -> str:
 def build_drafter(
     name: str, target: LoadedModel, draft_model: str | None = None, dtype: str = "bf16"
 ) -> Drafter:
-    """auto: the target's builtin drafter if it has one, else ngram; builtin: the builtin drafter
-    (an error for targets without one); a builtin drafter's name; none, ngram, draft-model, a folder."""
+    """auto: the target's builtin drafter with prompt lookup in front if it has one, else ngram;
+    builtin: the builtin drafter alone (an error for targets without one); a builtin drafter's name; none, ngram, draft-model, a folder;
+    any model drafter + `+ngram` (LookupFirstDrafter: prompt lookup where it finds a match)."""
     name = resolve_drafter_name(name, target)
+    if name.endswith(LOOKUP_SUFFIX) and len(name) > len(LOOKUP_SUFFIX):
+        return LookupFirstDrafter(build_drafter(name[: -len(LOOKUP_SUFFIX)], target, draft_model, dtype))
     if name == "none":
         return NoDrafter()
     if name == "ngram":

@@ -1,6 +1,9 @@
-"""Training-free drafters: `none` (plain autoregressive decoding) and `ngram` (prompt lookup)."""
+"""Training-free drafters: `none` (plain autoregressive decoding) and `ngram` (prompt lookup), and
+prompt lookup in front of a model drafter (`<drafter>+ngram`)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -62,3 +65,51 @@ class NgramDrafter(NoDrafter):
                 start = int(hits[-1]) + n
                 return Proposal(tokens=seq[start : start + max_tokens].clone())
         return empty_proposal()
+
+
+LOOKUP_SUFFIX = "+ngram"
+
+
+class LookupFirstDrafter:
+    """Prompt lookup in front of another drafter (`--drafter <drafter>+ngram`).
+
+    Where the committed text's last `min_match` to `max_match` tokens occurred before, the round
+    proposes what followed that occurrence (NgramDrafter's proposal: point masses, no confidences);
+    elsewhere the inner drafter proposes. A drafter trained on the target's sampled answers seldom
+    predicts a long verbatim repeat of the prompt or of the answer itself, which lookup gets right
+    at almost no cost, and a DSpark round skipped is its whole forward saved.
+
+    The inner drafter follows every committed token whichever drafter proposed: the engine's
+    commit() goes to it each round, and DSpark absorbs the features it was handed at its next
+    propose. Lossless like both: each row's tokens come with the distribution they were drawn
+    from (None for lookup's point masses), which is what verification uses.
+    """
+
+    def __init__(self, inner, min_match: int = 3, max_match: int = 8):
+        if getattr(inner, "name", None) in ("none", "ngram") or isinstance(inner, LookupFirstDrafter):
+            raise DSparkError(f"{LOOKUP_SUFFIX!r} goes after a model drafter (builtin, draft-model, a drafter "
+                              f"folder), got {getattr(inner, 'name', inner)!r}")
+        self.inner, self.lookup = inner, NgramDrafter(max_match, min_match)
+        self.name = f"{inner.name}{LOOKUP_SUFFIX}"
+        self.feature_layers = tuple(inner.feature_layers)
+        self.looked_up = self.proposed = 0  # rounds drafted by lookup, and by either
+
+    def setup(self, num_slots: int, max_seq_len: int, block_size: int) -> None:
+        self.inner.setup(num_slots, max_seq_len, block_size)
+
+    def begin(self, slot, prompt_ids, features) -> None:
+        self.inner.begin(slot, prompt_ids, features)
+
+    def commit(self, slot, num_accepted, features) -> None:
+        self.inner.commit(slot, num_accepted, features)
+
+    def release(self, slot) -> None:
+        self.inner.release(slot)
+
+    def propose(self, requests: list[DraftRequest]) -> list[Proposal]:
+        found = [self.lookup.propose([r])[0] if r.max_tokens > 0 else empty_proposal() for r in requests]
+        rest = [r if len(f) == 0 else dataclasses.replace(r, max_tokens=0) for r, f in zip(requests, found)]
+        inner = self.inner.propose(rest) if any(r.max_tokens > 0 for r in rest) else [empty_proposal()] * len(rest)
+        self.looked_up += sum(1 for f in found if len(f))
+        self.proposed += sum(1 for r in requests if r.max_tokens > 0)
+        return [f if len(f) else p for f, p in zip(found, inner)]

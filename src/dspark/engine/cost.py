@@ -33,6 +33,7 @@ import os
 import tempfile
 from bisect import bisect_right
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,6 +201,13 @@ class CostTable:
         if i >= 0 and self.tokens[i] == tokens:
             return self.sps[i]
         return 1.0 / self.time_at(tokens)
+
+    def with_draft_time(self, seconds: float) -> CostTable:
+        """This table with one drafting round costing `seconds` at every request count, in place of
+        its drafter timing (meta["drafter_propose_s"])."""
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise DSparkError(f"a drafting round's time must be a finite number of seconds >= 0, got {seconds!r}")
+        return dataclasses.replace(self, meta={**self.meta, "drafter_propose_s": {"1": float(seconds)}})
 
     # --------------------------------------------------------------------------------- builders
     @classmethod
