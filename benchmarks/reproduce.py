@@ -62,12 +62,15 @@ FINAL_STAGE = "latency"  # a run whose record has it is finished
 
 def run_config(base: TrainConfig, arch: str, drafter: dict, steps: int) -> TrainConfig:
     """The base preset turned into `arch` (DFlash: no heads, CE only, as DeepSpec trains it; Eagle3:
-    its own layer, DeepSpec's training-time test over block_size steps) with these drafter settings."""
+    its own layer, DeepSpec's training-time test over block_size steps, supervising num_anchors rows
+    per step and sequence: DSpark's num_anchors x block_size slots, where DeepSpec's every row would
+    cost about 30x more per step here) with these drafter settings."""
     settings = {**base.drafter, **drafter}
     if arch == "dflash":
         cfg = as_dflash(replace(base, drafter=settings))
     elif arch == "eagle3":
-        cfg = replace(base, arch="eagle3", drafter={"block_size": settings.get("block_size", 7)})
+        cfg = replace(base, arch="eagle3", drafter={"block_size": settings.get("block_size", 7)},
+                      eagle3_rows=base.num_anchors)
     else:
         cfg = replace(base, arch="dspark", drafter=settings)
     return replace(cfg, max_steps=steps, save_every=min(base.save_every, steps))

@@ -262,6 +262,28 @@ def test_eagle3_training_time_test_matches_inference_chain(qwen3_target):
     assert [int(drafter.model.lm_logits(steps[k][0, t]).argmax()) for k in range(4)] == prop.tokens.tolist()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_ttt_attention_equals_the_dense_causal_and_diagonal_mask(dtype):
+    """The training-time test's attention without the S x (k+1)S scores equals grouped_attention over
+    the concatenated keys with the [causal | diagonal x k] mask (grouped heads: 6 query, 2 KV)."""
+    from dspark.drafters.eagle3 import ttt_attention
+    from dspark.models.llama import grouped_attention
+
+    gen = torch.Generator().manual_seed(3)
+    seq = 9
+    q = torch.randn(2, 6, seq, 4, generator=gen, dtype=torch.float64)
+    keys = [torch.randn(2, 2, seq, 4, generator=gen, dtype=torch.float64) for _ in range(4)]
+    values = [torch.randn(2, 2, seq, 4, generator=gen, dtype=torch.float64) for _ in range(4)]
+    index = torch.arange(seq)
+    for k in range(4):
+        mask = torch.cat([index[None, :] <= index[:, None]] + [torch.eye(seq, dtype=torch.bool)] * k, dim=-1)
+        args = [q.to(dtype), [x.to(dtype) for x in keys[: k + 1]], [x.to(dtype) for x in values[: k + 1]]]
+        dense = grouped_attention(args[0], torch.cat(args[1], 2), torch.cat(args[2], 2), mask[None, None], 0.7)
+        fast = ttt_attention(*args, 0.7)
+        assert fast.dtype == dtype
+        torch.testing.assert_close(fast.double(), dense.double(), **({} if dtype == torch.float64 else {"atol": 2e-2, "rtol": 2e-2}))
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 @pytest.mark.parametrize("kind", ["dspark-rnn", "dspark-vocab", "dflash", "eagle3"])
 def test_save_then_load_gives_identical_proposals(qwen3_target, tmp_path, kind):

@@ -488,6 +488,41 @@ def test_eagle3_loss_counts_deepspecs_rows_against_the_targets_next_distribution
     assert steps[0].grad[[0, 1, 5, 7]].abs().sum() == 0 and steps[0].grad[[2, 3, 4, 6]].abs().sum() > 0
 
 
+def test_eagle3_loss_row_budget_precision_and_recomputation():
+    """max_rows supervises a random subset of each step's rows, scaled to estimate the full loss;
+    keeping the logits equals recomputing them; bf16 products stay close to fp32."""
+    from dspark.train.losses import eagle3_loss, eagle3_rows
+
+    gen = torch.Generator().manual_seed(1)
+    mask = (torch.rand(40, generator=gen) > 0.3).long()
+    lm, final = torch.randn(11, 6, generator=gen), torch.randn(40, 6, generator=gen)
+    steps = [torch.randn(40, 6, generator=gen, requires_grad=True) for _ in range(3)]
+    lw = LossWeights(ttt_decay=0.7)
+    full, _ = eagle3_loss(steps, final, mask, lm, lw)
+    kept, _ = eagle3_loss(steps, final, mask, lm, lw, recompute=False)
+    grads = [torch.autograd.grad(x, steps) for x in (full, kept)]
+    assert float(kept.detach()) == float(full.detach()) and all(torch.equal(a, b) for a, b in zip(*grads))
+    same, _ = eagle3_loss(steps, final, mask, lm, lw, max_rows=1000)  # more than there are: every row
+    assert float(same) == float(full)
+    low, _ = eagle3_loss(steps, final, mask, lm, lw, matmul_dtype=torch.bfloat16)
+    assert float(low) == pytest.approx(float(full), rel=2e-2)
+    # the subset: 5 rows per step drawn by the generator, their terms scaled by counted / 5
+    drawn, accepts = eagle3_loss(steps, final, mask, lm, lw, max_rows=5, generator=torch.Generator().manual_seed(7))
+    assert [a.numel() for a in accepts] == [5, 5, 5]
+    again = torch.Generator().manual_seed(7)
+    expected = 0.0
+    for k, rows in enumerate(eagle3_rows(mask, 3)):
+        pick = rows[torch.randperm(rows.numel(), generator=again)[:5].sort().values]
+        logq = torch.log_softmax(steps[k][pick].detach() @ lm.T, -1)
+        p = torch.softmax(final[pick + 1 + k] @ lm.T, -1)
+        expected += 0.7**k * rows.numel() / 5 * float(-(p * logq).sum()) / 40
+    assert float(drawn) == pytest.approx(expected, rel=1e-6)
+    # unbiased: the mean over many draws approaches the full loss
+    draws = [float(eagle3_loss(steps, final, mask, lm, lw, max_rows=5, generator=torch.Generator().manual_seed(i))[0])
+             for i in range(400)]
+    assert sum(draws) / len(draws) == pytest.approx(float(full), rel=0.05)
+
+
 def _one_sequence_loss(first: torch.Tensor, length: int, lw: LossWeights):
     """dspark_loss of one sequence of `length` slots (weights exp(-k/4), the identity as LM head, a
     uniform target): the first slot's draft logits are `first` (label 0), the others uniform (label 2)."""

@@ -28,7 +28,9 @@ from dspark.drafters.dspark import (
 from dspark.errors import DSparkError
 from dspark.models.kv_cache import KVCache, build_kv_cache, write_rows
 from dspark.models.gemma import GemmaMLP, GemmaRMSNorm, softcap
-from dspark.models.llama import MLP, ModelArgs, RMSNorm, apply_rope, attention_width, grouped_attention
+from dspark.models.llama import (
+    MLP, ModelArgs, RMSNorm, apply_rope, attention_width, grouped_attention, native_bf16_matmul,
+)
 from dspark.sampling import logits_to_probs, sample_rows
 
 
@@ -179,13 +181,37 @@ class Eagle3Model(TargetSharingModel):
             q, key, value = layer.self_attn.qkv(layer.attn_input(self.embed(shifted).to(dtype), hidden), cos, sin)
             keys.append(key)
             values.append(value)
-            causal = index[None, :] <= index[:, None]  # step-0 keys
-            diag = torch.eye(seq, dtype=torch.bool)  # earlier steps' keys at the same index
-            mask = torch.cat([causal] + [diag] * k, dim=-1)[None, None].expand(bsz, 1, seq, -1)
-            out = grouped_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mask, layer.self_attn.scale)
-            hidden = layer.finish(hidden, out)
+            hidden = layer.finish(hidden, ttt_attention(q, keys, values, layer.self_attn.scale))
             outputs.append(self.norm(hidden))
         return outputs
+
+
+def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], scale: float | None) -> torch.Tensor:
+    """Attention of training-time-test step k = len(keys) - 1: the query at index t sees step 0's
+    keys at indices <= t and the keys of steps 1..k at index t only. q [B, H, S, D]; keys/values:
+    k + 1 tensors [B, Hkv, S, D] -> [B, H, S, D].
+
+    The same as grouped_attention over the k + 1 concatenated key sets with a [causal | diagonal x k]
+    mask, without its S x (k + 1)S scores: the diagonal keys give one score per query each.
+    """
+    bsz, heads, seq, dim = q.shape
+    kv_heads = keys[0].shape[1]
+    group = heads // kv_heads
+    scale = dim**-0.5 if scale is None else scale
+    native = q.dtype == torch.bfloat16 and native_bf16_matmul(q.device)
+    compute = torch.bfloat16 if native else torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+    acc = torch.float32 if native else compute  # softmax and sums (grouped_attention's precision)
+    qg = q.reshape(bsz, kv_heads, group, seq, dim).to(compute)
+    k0, v0 = keys[0][:, :, None].to(compute), values[0][:, :, None].to(compute)
+    causal = torch.matmul(qg, k0.transpose(-1, -2)).to(acc) * scale  # [B, Hkv, G, S, S]
+    future = torch.ones(seq, seq, dtype=torch.bool).triu(1)
+    causal = causal.masked_fill(future, float("-inf"))
+    diag = [(qg.to(acc) * key[:, :, None].to(acc)).sum(-1, keepdim=True) * scale for key in keys[1:]]
+    probs = torch.softmax(torch.cat([causal] + diag, dim=-1), dim=-1)
+    out = torch.matmul(probs[..., :seq].to(compute), v0).to(acc)
+    for j, value in enumerate(values[1:]):
+        out = out + probs[..., seq + j, None] * value[:, :, None].to(acc)
+    return out.to(q.dtype).reshape(bsz, heads, seq, dim)
 
 
 class Eagle3Drafter:

@@ -178,12 +178,14 @@ def expected_accept_length(acceptance: torch.Tensor, label_mask: torch.Tensor) -
 
 @torch.autocast("cpu", enabled=False)
 @torch.autocast("cuda", enabled=False)
-def _soft_terms(hidden, target_hidden, lm_head_w, cap=None):
+def _soft_terms(hidden, target_hidden, lm_head_w, cap=None, matmul_dtype=torch.float32):
     """Per-row soft cross-entropy -sum p_t log q and L1 |q - p_t| for one chunk of rows (logits
-    soft-capped by cap where the target caps its own)."""
-    log_draft = torch.log_softmax(softcap(hidden.float() @ lm_head_w.T, cap), dim=-1)
+    soft-capped by cap where the target caps its own; the products in matmul_dtype, the rest in fp32)."""
+    md = matmul_dtype
+    head = lm_head_w.to(md)
+    log_draft = torch.log_softmax(softcap((hidden.to(md) @ head.T).float(), cap), dim=-1)
     with torch.no_grad():
-        target = torch.softmax(softcap(target_hidden.float() @ lm_head_w.T, cap), dim=-1)
+        target = torch.softmax(softcap((target_hidden.to(md) @ head.T).float(), cap), dim=-1)
     return -(target * log_draft).sum(-1), (log_draft.exp() - target).abs().sum(-1)
 
 
@@ -207,7 +209,8 @@ def eagle3_rows(loss_mask: torch.Tensor, steps: int) -> list[torch.Tensor]:
 
 def eagle3_loss(
     step_hidden: list[torch.Tensor], final_hidden: torch.Tensor, loss_mask: torch.Tensor, lm_head_w: torch.Tensor,
-    lw: LossWeights, chunk_rows: int = 128, cap: float | None = None,
+    lw: LossWeights, chunk_rows: int = 128, cap: float | None = None, matmul_dtype: torch.dtype = torch.float32,
+    recompute: bool = True, max_rows: int = 0, generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Eagle3's training-time-test loss, as DeepSpec's compute_eagle3_loss: the rows of
     `eagle3_rows`, soft cross-entropy against the target's distribution at t + 1 + k, each step's
@@ -215,7 +218,12 @@ def eagle3_loss(
     included, so every sequence weighs the same whatever its length), steps weighted decay^k.
 
     step_hidden: K tensors [S, H] (final-normed); final_hidden [S, H]; loss_mask [S].
-    Returns the loss and, per step, the analytic acceptance 1 - L1/2 of the counted rows (detached).
+    matmul_dtype: precision of the vocabulary-sized products; recompute: keep one chunk of logits
+    and recompute it in the backward pass. max_rows > 0 supervises at most that many of each step's
+    rows, drawn uniformly with `generator`, their sum scaled by counted / drawn so the loss stays an
+    unbiased estimate of DeepSpec's (an equal-budget setting: as many supervised slots as DSpark's
+    anchors; 0, the default, counts every row as DeepSpec does).
+    Returns the loss and, per step, the analytic acceptance 1 - L1/2 of the supervised rows (detached).
     """
     seq = final_hidden.shape[0]
     total = torch.zeros(())
@@ -224,13 +232,20 @@ def eagle3_loss(
         if rows.numel() == 0:
             accepts.append(torch.empty(0))
             continue
+        scale = 1.0
+        if 0 < max_rows < rows.numel():
+            scale = rows.numel() / max_rows
+            rows = rows[torch.randperm(rows.numel(), generator=generator)[:max_rows].sort().values]
         ces, l1s = [], []
         for start in range(0, rows.numel(), chunk_rows):
             r = rows[start : start + chunk_rows]
-            args = (hidden[r], final_hidden[r + 1 + k], lm_head_w, cap)
-            ce, l1 = checkpoint(_soft_terms, *args, use_reentrant=False) if torch.is_grad_enabled() else _soft_terms(*args)
+            args = (hidden[r], final_hidden[r + 1 + k], lm_head_w, cap, matmul_dtype)
+            if recompute and torch.is_grad_enabled():
+                ce, l1 = checkpoint(_soft_terms, *args, use_reentrant=False)
+            else:
+                ce, l1 = _soft_terms(*args)
             ces.append(ce)
             l1s.append(l1)
-        total = total + lw.ttt_decay**k * torch.cat(ces).sum() / seq
+        total = total + lw.ttt_decay**k * scale * torch.cat(ces).sum() / seq
         accepts.append((1 - 0.5 * torch.cat(l1s).detach()).clamp(0, 1))
     return total, accepts

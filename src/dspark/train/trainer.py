@@ -61,6 +61,9 @@ class TrainConfig:
     # Keep only one chunk of vocabulary-sized logits and recompute it in the backward pass (for
     # GPU-sized vocabularies x anchors); off by default: storing them is faster where memory allows.
     recompute_logits: bool = False
+    # Eagle3 only: supervise at most this many rows per training-time-test step and sequence, drawn
+    # at random (0: every row, as DeepSpec). reproduce.py sets num_anchors, DSpark's supervised slots.
+    eagle3_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.arch not in ("dspark", "dflash", "eagle3"):
@@ -70,6 +73,8 @@ class TrainConfig:
         for name in ("max_length", "num_anchors", "grad_accum", "epochs", "save_every"):
             if getattr(self, name) <= 0:
                 raise DSparkError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.eagle3_rows < 0:
+            raise DSparkError(f"eagle3_rows must be 0 (every row) or a positive number of rows, got {self.eagle3_rows}")
 
 
 def preset_tiny() -> TrainConfig:
@@ -456,8 +461,10 @@ class Trainer:
         cfg, model = self.cfg, self.model
         if cfg.arch == "eagle3":
             steps = model.forward_ttt(features[None], input_ids[None], steps=model.config.block_size)
-            loss, accepts = eagle3_loss([h[0] for h in steps], final_hidden, loss_mask, self.lm_head_w, cfg.loss,
-                                        cap=self.target.logit_softcap)
+            loss, accepts = eagle3_loss([h[0] for h in steps], final_hidden, loss_mask, self.head_w, cfg.loss,
+                                        cap=self.target.logit_softcap, matmul_dtype=self.matmul_dtype,
+                                        recompute=cfg.recompute_logits, max_rows=cfg.eagle3_rows,
+                                        generator=self.anchor_gen)
             if not loss.requires_grad:
                 return None
             means = [float(a.mean()) if a.numel() else 0.0 for a in accepts]
