@@ -151,8 +151,9 @@ class Reproduction:
         arch, drafter = RUNS[name]
         cfg = run_config(self.base, arch, drafter, self.args.steps)
         run_dir = self.work / name
-        if "command" not in self.state["runs"].setdefault(name, {}):  # the invocation that started it
-            self.state["runs"][name]["command"] = self.command
+        record = self.state["runs"].setdefault(name, {})
+        if "command" not in record:  # the invocation that started it
+            record["command"] = self.command
             self.save()
 
         def train():
@@ -258,11 +259,13 @@ def write_report(state: dict, out: Path, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     files = write_plots(runs, out)
     rows = claims(runs)
-    made = {name: r.get("command", command) for name, r in runs.items()}
+    started_by: dict[str, list[str]] = {}  # command -> the runs it started
+    for name, r in runs.items():
+        started_by.setdefault(r.get("command", command), []).append(name)
     lines = ["# DSpark vs DFlash vs Eagle3 at equal budget", "", "Made by (each run: the command that started it; "
              "a rerun of the same command resumes it):", "", "```bash"]
-    lines += [f"{cmd}    # {', '.join(n for n in made if made[n] == cmd)}" for cmd in dict.fromkeys(made.values())]
-    lines += ["```" if made else command + "\n```", "",
+    lines += [f"{cmd}    # {', '.join(names)}" for cmd, names in started_by.items()] or [command]
+    lines += ["```", "",
              f"Settings: {json.dumps(state['settings'])}", "", "## Claims", "",
              "| claim | measured | goal | holds |", "|---|---|---|---|"]
     for row in rows:

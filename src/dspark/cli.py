@@ -213,10 +213,10 @@ def run_drafter_init(args) -> int:
 def _drafter_label(resolved: str) -> str:
     """How a summary line names the drafter: a builtin drafter by its name, others as given."""
     from dspark.drafters.registry import builtin_drafters
-    from dspark.drafters.simple import LOOKUP_SUFFIX
+    from dspark.drafters.simple import LOOKUP_SUFFIX, behind_lookup
 
-    if resolved.endswith(LOOKUP_SUFFIX) and len(resolved) > len(LOOKUP_SUFFIX):
-        return _drafter_label(resolved[: -len(LOOKUP_SUFFIX)]) + LOOKUP_SUFFIX
+    if (inner := behind_lookup(resolved)) is not None:
+        return _drafter_label(inner) + LOOKUP_SUFFIX
     for name, folder in builtin_drafters().items():
         if str(folder) == resolved:
             return f"builtin {name}"

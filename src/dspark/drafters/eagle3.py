@@ -29,7 +29,7 @@ from dspark.errors import DSparkError
 from dspark.models.kv_cache import KVCache, build_kv_cache, write_rows
 from dspark.models.gemma import GemmaMLP, GemmaRMSNorm, softcap
 from dspark.models.llama import (
-    MLP, ModelArgs, RMSNorm, apply_rope, attention_width, grouped_attention, native_bf16_matmul,
+    MLP, ModelArgs, RMSNorm, apply_rope, attention_precision, attention_width, grouped_attention,
 )
 from dspark.sampling import logits_to_probs, sample_rows
 
@@ -198,9 +198,7 @@ def ttt_attention(q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.
     kv_heads = keys[0].shape[1]
     group = heads // kv_heads
     scale = dim**-0.5 if scale is None else scale
-    native = q.dtype == torch.bfloat16 and native_bf16_matmul(q.device)
-    compute = torch.bfloat16 if native else torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
-    acc = torch.float32 if native else compute  # softmax and sums (grouped_attention's precision)
+    compute, acc = attention_precision(q)  # grouped_attention's: products, then softmax and sums
     qg = q.reshape(bsz, kv_heads, group, seq, dim).to(compute)
     k0, v0 = keys[0][:, :, None].to(compute), values[0][:, :, None].to(compute)
     causal = torch.matmul(qg, k0.transpose(-1, -2)).to(acc) * scale  # [B, Hkv, G, S, S]

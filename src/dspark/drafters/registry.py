@@ -10,7 +10,7 @@ from pathlib import Path
 from dspark.drafters.base import Drafter
 from dspark.drafters.checkpoint import load_drafter
 from dspark.drafters.draft_model import DraftModelDrafter, check_same_vocabulary
-from dspark.drafters.simple import LOOKUP_SUFFIX, LookupFirstDrafter, NgramDrafter, NoDrafter
+from dspark.drafters.simple import LOOKUP_SUFFIX, LookupFirstDrafter, NgramDrafter, NoDrafter, behind_lookup
 from dspark.errors import DSparkError
 from dspark.models.target import LoadedModel, load_model
 
@@ -40,9 +40,9 @@ def resolve_drafter_name(name: str, target: LoadedModel) -> str:
     folder (an error without one); `auto`: that folder with prompt lookup in front (`<folder>+ngram`,
     the fastest measured default, docs/drafters.md), or `ngram` for targets without one;
     `<name>+ngram`: <name> resolved, the suffix kept."""
-    if name.endswith(LOOKUP_SUFFIX) and len(name) > len(LOOKUP_SUFFIX):
-        inner = resolve_drafter_name(name[: -len(LOOKUP_SUFFIX)], target)
-        return inner if inner.endswith(LOOKUP_SUFFIX) else inner + LOOKUP_SUFFIX
+    if (inner_name := behind_lookup(name)) is not None:
+        inner = resolve_drafter_name(inner_name, target)
+        return inner if behind_lookup(inner) is not None else inner + LOOKUP_SUFFIX
     if name not in ("auto", "builtin"):
         return str(builtin_drafters().get(name, name))
     folder = builtin_drafter_for(target)
@@ -62,8 +62,8 @@ def build_drafter(
     builtin: the builtin drafter alone (an error for targets without one); a builtin drafter's name; none, ngram, draft-model, a folder;
     any model drafter + `+ngram` (LookupFirstDrafter: prompt lookup where it finds a match)."""
     name = resolve_drafter_name(name, target)
-    if name.endswith(LOOKUP_SUFFIX) and len(name) > len(LOOKUP_SUFFIX):
-        return LookupFirstDrafter(build_drafter(name[: -len(LOOKUP_SUFFIX)], target, draft_model, dtype))
+    if (inner_name := behind_lookup(name)) is not None:
+        return LookupFirstDrafter(build_drafter(inner_name, target, draft_model, dtype))
     if name == "none":
         return NoDrafter()
     if name == "ngram":

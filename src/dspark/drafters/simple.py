@@ -70,6 +70,11 @@ class NgramDrafter(NoDrafter):
 LOOKUP_SUFFIX = "+ngram"
 
 
+def behind_lookup(name: str) -> str | None:
+    """The drafter name before `+ngram` in `<name>+ngram`, else None."""
+    return name[: -len(LOOKUP_SUFFIX)] if name.endswith(LOOKUP_SUFFIX) and len(name) > len(LOOKUP_SUFFIX) else None
+
+
 class LookupFirstDrafter:
     """Prompt lookup in front of another drafter (`--drafter <drafter>+ngram`).
 
@@ -107,7 +112,7 @@ class LookupFirstDrafter:
         self.inner.release(slot)
 
     def propose(self, requests: list[DraftRequest]) -> list[Proposal]:
-        found = [self.lookup.propose([r])[0] if r.max_tokens > 0 else empty_proposal() for r in requests]
+        found = self.lookup.propose(requests)  # empty where a row may draft nothing
         rest = [r if len(f) == 0 else dataclasses.replace(r, max_tokens=0) for r, f in zip(requests, found)]
         inner = self.inner.propose(rest) if any(r.max_tokens > 0 for r in rest) else [empty_proposal()] * len(rest)
         self.looked_up += sum(1 for f in found if len(f))

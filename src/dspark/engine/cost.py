@@ -33,8 +33,7 @@ import os
 import tempfile
 from bisect import bisect_right
 from collections.abc import Sequence
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dspark.errors import DSparkError
@@ -207,7 +206,7 @@ class CostTable:
         its drafter timing (meta["drafter_propose_s"])."""
         if not (math.isfinite(seconds) and seconds >= 0):
             raise DSparkError(f"a drafting round's time must be a finite number of seconds >= 0, got {seconds!r}")
-        return dataclasses.replace(self, meta={**self.meta, "drafter_propose_s": {"1": float(seconds)}})
+        return replace(self, meta={**self.meta, "drafter_propose_s": {"1": float(seconds)}})
 
     # --------------------------------------------------------------------------------- builders
     @classmethod

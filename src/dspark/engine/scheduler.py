@@ -615,8 +615,8 @@ class EstimatedPolicy:
         self.acceptance = prior or OnlineAcceptance()
         self.__dict__.update(settings)  # e.g. threshold, cost: visible to callers and metrics
         self.gate = DraftGate(settings["cost"], self.acceptance) if draft_gate else None
-        self._chosen: tuple[list[int], list[int], bool] | None = None  # this round's, until recorded
-        self._had_confidences: list[bool] | None = None  # per row of this round, until recorded
+        # This round's chosen lengths, caps and which rows had confidences, until recorded.
+        self._chosen: tuple[list[int], list[int], list[bool]] | None = None
 
     def plan(self, requests: Sequence[DraftRequest], draft_seconds: float | None) -> list[int]:
         """Most tokens each request may draft this round (all of them unless the gate is closed)."""
@@ -630,9 +630,7 @@ class EstimatedPolicy:
     def decide(self, confidences, max_lengths, keys=None, context=None) -> list[int]:
         lengths = self.rule(self.acceptance.fill(confidences, max_lengths, keys), max_lengths, context)
         # The policy's own choice, for the gate's record of what it realises (before any forcing).
-        self._chosen = (list(lengths), list(max_lengths),
-                        any(c is not None for c, cap in zip(confidences, max_lengths) if cap > 0))
-        self._had_confidences = [c is not None for c in confidences]
+        self._chosen = (list(lengths), list(max_lengths), [c is not None for c in confidences])
         estimated = [c is None and cap > 0 for c, cap in zip(confidences, max_lengths)]
         explore = [False] * len(lengths)
         if any(estimated):
@@ -661,18 +659,17 @@ class EstimatedPolicy:
         return [i in chosen for i in range(len(estimated))]
 
     def record(self, lengths, num_accepted, keys=None, survival=None) -> None:
-        had = self._had_confidences
-        if had is not None and len(had) == len(lengths):
+        round_, self._chosen = self._chosen, None
+        if round_ is not None and len(round_[2]) == len(lengths):
             # Estimates stand in for confidences, so they learn from rows that had none: drafts a
             # drafter's confidences picked are accepted more often than its drafts at large (and a
             # drafter with prompt lookup in front mixes both kinds of row).
-            lengths = [0 if c else n for n, c in zip(lengths, had)]
-        self._had_confidences = None
+            lengths = [0 if c else n for n, c in zip(lengths, round_[2])]
         self.acceptance.update(lengths, num_accepted, keys, survival)
-        if self.gate is not None and self._chosen is not None:
-            chosen, caps, confident = self._chosen
+        if self.gate is not None and round_ is not None:
+            chosen, caps, had = round_
+            confident = any(c for c, cap in zip(had, caps) if cap > 0)
             self.gate.record(chosen, caps, num_accepted, confident, survival)
-            self._chosen = None
 
     def __call__(self, requests, proposals) -> list[int]:
         return self.decide(*proposal_inputs(requests, proposals), longest_context(requests))

@@ -141,6 +141,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 SMALL_QUERY = 16
 
 
+def attention_precision(q: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """(products, softmax) dtypes of attention with queries q. bf16 queries where the hardware has
+    bf16 matmul units: both products in bf16 (fp32 accumulation in the kernel), the softmax in fp32
+    (converting the whole K/V cache to fp32 at every step cost more than the attention itself).
+    Other half-precision queries: fp32 throughout; fp32/fp64: their own dtype."""
+    if q.dtype == torch.bfloat16 and native_bf16_matmul(q.device):
+        return torch.bfloat16, torch.float32
+    compute = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
+    return compute, compute
+
+
 def grouped_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None = None
 ) -> torch.Tensor:
@@ -152,14 +163,8 @@ def grouped_attention(
     bsz, heads, n, dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    if q.dtype == torch.bfloat16 and native_bf16_matmul(q.device):
-        # Both products in bf16 (fp32 accumulation in the kernel), the softmax in fp32: converting
-        # the whole K/V cache to fp32 at every step cost more than the attention itself.
-        scores = torch.matmul(q.reshape(bsz, kv_heads, group * n, dim), k.transpose(-1, -2)).float()
-        compute = torch.bfloat16
-    else:
-        compute = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype
-        scores = torch.matmul(q.reshape(bsz, kv_heads, group * n, dim).to(compute), k.to(compute).transpose(-1, -2))
+    compute, acc = attention_precision(q)
+    scores = torch.matmul(q.reshape(bsz, kv_heads, group * n, dim).to(compute), k.to(compute).transpose(-1, -2)).to(acc)
     scores = scores.view(bsz, kv_heads, group, n, -1) * (dim**-0.5 if scale is None else scale)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
