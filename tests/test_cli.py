@@ -247,7 +247,11 @@ def test_profile_then_simulate(capsys, tiny_dirs, tmp_path):
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["simulate", "--profile", str(cost), "--trace", str(trace), "--draft-ms", "-1", "--out", str(tmp_path / "s3")])
-    assert "expected a positive finite number, got -1" in capsys.readouterr().err
+    assert "expected a finite number >= 0, got -1" in capsys.readouterr().err
+    assert main(["simulate", "--profile", str(cost), "--trace", str(trace), "--concurrency", "2", "--draft-ms", "0",
+                 "--policies", "fixed:3", "--steps", "8", "--out", str(tmp_path / "zero")]) == 0
+    zero = json.loads((tmp_path / "zero" / "simulation.json").read_text())[0]
+    assert zero["tokens_per_s"] == pytest.approx(free["tokens_per_s"])  # 0 ms charged = the drafter left out
     assert main(["simulate", "--profile", str(cost), "--trace", str(trace), "--policies", "bogus", "--out", str(tmp_path / "s2")]) == 2
     assert "none, fixed" in capsys.readouterr().err
 

@@ -31,6 +31,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (0 <= value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -682,9 +692,9 @@ def add_simulate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-draft-cost", action="store_true",
                    help="leave out the drafter's time even if the table has it (dspark profile --drafter)")
-    p.add_argument("--draft-ms", type=_positive_float, default=None,
+    p.add_argument("--draft-ms", type=_non_negative_float, default=None,
                    help="charge this many ms per drafting round at every request count instead of the table's "
-                        "drafter timing (what would a slower or faster drafter buy)")
+                        "drafter timing (what would a slower or faster drafter buy; 0 = free drafting)")
     p.add_argument("--replay", choices=("positions", "rounds"), default="positions",
                    help="positions: a round that commits less than its record did replays the rest of that record "
                         "next (same work per request for every policy); rounds: one record per round")
