@@ -57,6 +57,7 @@ RUNS = {
     "dspark-rnn-b7": ("dspark", {"markov_head_type": "rnn"}),
 }
 TEMPERATURES = (0.0, 1.0)
+MIN_ROUNDS = 30  # a draft position is compared (Fig. 2) only where both runs reached it this often
 FINAL_STAGE = "latency"  # a run whose record has it is finished
 
 
@@ -87,12 +88,31 @@ def macro(per_benchmark: dict, key: str = "accept_length") -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def pooled_conditional(eval_dir: Path, label: str, block: int) -> list[float]:
-    """Conditional acceptance per draft position over every benchmark's rounds together."""
+def pooled_conditional(eval_dir: Path, label: str, block: int) -> dict:
+    """Conditional acceptance per draft position over every benchmark's rounds together, and how many
+    rounds reached each position (every earlier draft accepted): past the first few positions a
+    weak drafter's values rest on a handful of rounds."""
     rounds = []
     for partial in sorted((eval_dir / "partial").glob(f"*__{label}.json")):
         rounds += json.loads(partial.read_text())["logs"]["rounds"]
-    return summarize_rounds(rounds, block)["conditional_acceptance"]
+    reached = [sum(1 for n, a, _ in rounds if a >= k and n > k) for k in range(block)]
+    return {"conditional_acceptance": summarize_rounds(rounds, block)["conditional_acceptance"],
+            "conditional_rounds": reached}
+
+
+def backfill_rounds(runs: dict) -> bool:
+    """Adds the rounds per position to evaluations recorded before they were kept, where the raw
+    evaluation folder still exists. Returns whether anything was added."""
+    added = False
+    for name, run in runs.items():
+        for stage in (f"eval_t{t:g}" for t in TEMPERATURES):
+            ev = run.get(stage)
+            if ev and "conditional_rounds" not in ev and (Path(ev["eval_dir"]) / "partial").is_dir():
+                pooled = pooled_conditional(Path(ev["eval_dir"]), name, len(ev["conditional_acceptance"]))
+                if json.dumps(pooled["conditional_acceptance"]) == json.dumps(ev["conditional_acceptance"]):  # the same rounds (nan-safe)
+                    ev["conditional_rounds"] = pooled["conditional_rounds"]
+                    added = True
+    return added
 
 
 class Reproduction:
@@ -111,6 +131,8 @@ class Reproduction:
             raise SystemExit(f"{self.work} holds runs made with other settings ({', '.join(changed)}); "
                              "use another --work (nothing was changed)")
         self.state = state or {"settings": self.settings, "runs": self.reported_runs()}
+        if backfill_rounds(self.state["runs"]):
+            self.save()
         self.target = load_model(args.target, "bf16")
         self.base = apply_overrides(get_preset(args.base_preset), args.set)
 
@@ -198,7 +220,7 @@ class Reproduction:
                 per[bench]["ece_mean"] = pair["calibration"]["ece_mean"]
         sweeps = {dom: v[name]["threshold_sweep"] for dom, v in results["domains"].items() if "threshold_sweep" in v.get(name, {})}
         return {"benchmarks": per, "macro_accept_length": macro(per), "macro_speedup": macro(per, "speedup_vs_plain"),
-                "conditional_acceptance": pooled_conditional(eval_dir, name, block), "threshold_sweep": sweeps,
+                **pooled_conditional(eval_dir, name, block), "threshold_sweep": sweeps,
                 "eval_dir": str(eval_dir)}
 
     def latency(self, drafter_dir: str) -> dict:
@@ -226,13 +248,22 @@ def claims(runs: dict) -> list[dict]:
             rows.append({"claim": f"Table 1, T = {t:g}: macro tau DSpark / {label}",
                          "measured": None if r is None else f"{r:.3f}x", "goal": f">= {goal:.2f}x",
                          "holds": None if r is None else r >= goal})
-    cond = {n: runs.get(n, {}).get("eval_t1", {}).get("conditional_acceptance") for n in ("dspark-b7", "dflash-b7")}
-    if all(cond.values()):
-        pairs = list(zip(cond["dspark-b7"], cond["dflash-b7"]))[2:]  # positions 3.. (1-based)
-        above = [a > b for a, b in pairs if a == a and b == b]  # positions neither run reached are nan
-        rows.append({"claim": "Fig. 2: DSpark's conditional acceptance above DFlash's at every position >= 3 (T = 1)",
-                     "measured": ", ".join(f"{a:.2f}/{b:.2f}" for a, b in pairs), "goal": "above at each",
-                     "holds": all(above) if above else None})
+    evs = {n: runs.get(n, {}).get("eval_t1", {}) for n in ("dspark-b7", "dflash-b7")}
+    if all(ev.get("conditional_acceptance") for ev in evs.values()):
+        a, b = (evs[n]["conditional_acceptance"] for n in ("dspark-b7", "dflash-b7"))
+        na, nb = (evs[n].get("conditional_rounds", [None] * len(a)) for n in ("dspark-b7", "dflash-b7"))
+        cells, above = [], []
+        for k in range(2, min(len(a), len(b))):  # positions 3.. (1-based)
+            counted = na[k] is not None and nb[k] is not None
+            if counted and min(na[k], nb[k]) < MIN_ROUNDS:
+                cells.append(f"{a[k]:.2f}/{b[k]:.2f} ({na[k]}/{nb[k]} rounds, too few)")
+                continue
+            cells.append(f"{a[k]:.2f}/{b[k]:.2f}" + (f" ({na[k]}/{nb[k]} rounds)" if counted else ""))
+            if a[k] == a[k] and b[k] == b[k]:  # positions neither run reached are nan
+                above.append(a[k] > b[k])
+        rows.append({"claim": "Fig. 2: DSpark's conditional acceptance above DFlash's at every position >= 3 "
+                              f"reached by >= {MIN_ROUNDS} rounds (T = 1)",
+                     "measured": ", ".join(cells), "goal": "above at each", "holds": all(above) if above else None})
     gaps = {b: ratio(f"dspark-b{b}", f"dflash-b{b}", 1.0) for b in (4, 7, 12)}
     rows.append({"claim": "Fig. 4: the DSpark/DFlash tau gap widens with block size (T = 1)",
                  "measured": ", ".join(f"block {b}: {g:.3f}x" for b, g in gaps.items() if g is not None) or None,
@@ -284,10 +315,14 @@ def write_report(state: dict, out: Path, command: str) -> None:
                      if b in ev["benchmarks"] else "-" for b in benches]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {ev['macro_accept_length']:.2f} | {ev['macro_speedup']:.2f}x |")
     lines += ["", "## Conditional acceptance per draft position (T = 1, all benchmarks pooled)", "",
+              "In parentheses: the rounds that reached the position (every earlier draft accepted), where recorded.", "",
               "| run | per position |", "|---|---|"]
     for name, r in runs.items():
         if "eval_t1" in r:
-            lines.append(f"| {name} | " + " ".join(f"{x:.2f}" for x in r["eval_t1"]["conditional_acceptance"]) + " |")
+            cond = r["eval_t1"]["conditional_acceptance"]
+            counts = r["eval_t1"].get("conditional_rounds")
+            cells = [f"{x:.2f}" + (f" ({counts[k]})" if counts else "") for k, x in enumerate(cond)]
+            lines.append(f"| {name} | " + " ".join(cells) + " |")
     lines += ["", "## Draft cost, calibration and wall time", "",
               "| run | draft round (ms) | / target step | ECE before -> after STS (held-out) | train steps | tokens seen | "
               "train | calibrate | eval T=0 | eval T=1 | machine |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -335,9 +370,11 @@ def write_plots(runs: dict, out: Path) -> list[str]:
         for n, r in done.items():
             if n.endswith("-b7") or n == "dspark-1l":
                 cond = r["eval_t1"]["conditional_acceptance"]
-                ax.plot(range(1, len(cond) + 1), cond, marker="o", label=n)
+                counts = r["eval_t1"].get("conditional_rounds") or [MIN_ROUNDS] * len(cond)
+                shown = [(k + 1, x) for k, x in enumerate(cond) if counts[k] >= MIN_ROUNDS]  # not a handful of rounds
+                ax.plot([k for k, _ in shown], [x for _, x in shown], marker="o", label=n)
         ax.set_xlabel("draft position")
-        ax.set_ylabel("conditional acceptance (T = 1)")
+        ax.set_ylabel(f"conditional acceptance (T = 1; positions reached >= {MIN_ROUNDS} times)")
         if ax.lines:
             ax.legend()
         fig.tight_layout()

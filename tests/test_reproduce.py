@@ -57,7 +57,8 @@ def test_every_run_trains_equally_is_evaluated_and_reported(reproduce, setup):
         for t in ("0", "1"):
             ev = run[f"eval_t{t}"]
             assert ev["benchmarks"]["bench"]["accept_length"] >= 1.0
-            assert len(ev["conditional_acceptance"]) == block
+            assert len(ev["conditional_acceptance"]) == len(ev["conditional_rounds"]) == block
+            assert ev["conditional_rounds"][0] > 0 and ev["conditional_rounds"] == sorted(ev["conditional_rounds"], reverse=True)
         assert run["latency"]["draft_round_ms"] > 0
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Table 1, T = 1: macro tau DSpark / DFlash" in report and "Table 1, T = 0: macro tau DSpark / Eagle3" in report
@@ -68,6 +69,28 @@ def test_every_run_trains_equally_is_evaluated_and_reported(reproduce, setup):
     before = (tmp_path / "work" / "state.json").read_text()
     assert reproduce.main(argv) == 0  # a rerun redoes nothing
     assert (tmp_path / "work" / "state.json").read_text() == before
+    older = json.loads(before)  # recorded before the rounds per position were kept
+    del older["runs"]["dspark-b7"]["eval_t1"]["conditional_rounds"]
+    (tmp_path / "work" / "state.json").write_text(json.dumps(older))
+    assert reproduce.main(argv) == 0  # recounted from the raw evaluation folder
+    assert json.dumps(json.loads((tmp_path / "work" / "state.json").read_text()), sort_keys=True) == \
+        json.dumps(json.loads(before), sort_keys=True)
+
+
+def test_fig2_compares_only_positions_reached_often_enough(reproduce):
+    def run(cond, counts=None):
+        ev = {"conditional_acceptance": cond, **({"conditional_rounds": counts} if counts else {})}
+        return {"eval_t1": ev}
+
+    few = reproduce.MIN_ROUNDS - 1
+    runs = {"dspark-b7": run([0.5, 0.4, 0.4, 0.0], [900, 450, 180, few]),
+            "dflash-b7": run([0.5, 0.3, 0.3, 0.5], [900, 450, 135, 40])}
+    row = next(r for r in reproduce.claims(runs) if r["claim"].startswith("Fig. 2"))
+    assert row["holds"] is True and "too few" in row["measured"]  # position 4: 0.0 on 29 rounds is not compared
+    runs["dspark-b7"]["eval_t1"]["conditional_rounds"][3] = reproduce.MIN_ROUNDS
+    assert next(r for r in reproduce.claims(runs) if r["claim"].startswith("Fig. 2"))["holds"] is False
+    unrecorded = {n: run(r["eval_t1"]["conditional_acceptance"]) for n, r in runs.items()}  # older runs: every position
+    assert next(r for r in reproduce.claims(unrecorded) if r["claim"].startswith("Fig. 2"))["holds"] is False
 
 
 def test_other_settings_are_refused_and_unknown_runs_named(reproduce, setup):

@@ -23,7 +23,7 @@ def _save(fig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    fig.clf()
+    _pyplot().close(fig)  # off pyplot's registry: a long evaluation draws many
     return path
 
 
