@@ -95,9 +95,9 @@ def pooled_conditional(eval_dir: Path, label: str, block: int) -> dict:
     rounds = []
     for partial in sorted((eval_dir / "partial").glob(f"*__{label}.json")):
         rounds += json.loads(partial.read_text())["logs"]["rounds"]
-    reached = [sum(1 for n, a, _ in rounds if a >= k and n > k) for k in range(block)]
-    return {"conditional_acceptance": summarize_rounds(rounds, block)["conditional_acceptance"],
-            "conditional_rounds": reached}
+    summary = summarize_rounds(rounds, block)
+    return {"conditional_acceptance": summary["conditional_acceptance"],
+            "conditional_rounds": summary["position_rounds"] or [0] * block}
 
 
 def backfill_rounds(runs: dict) -> bool:

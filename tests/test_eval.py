@@ -31,6 +31,7 @@ def test_metrics_on_a_hand_made_log_with_an_eos_cut_round():
     assert m["verified_per_round"] == pytest.approx(11 / 4)
     assert m["acceptance_rate"] == pytest.approx(6 / 11)
     assert m["prefix_survival"] == pytest.approx([3 / 4, 2 / 4, 1 / 3])
+    assert m["position_rounds"] == [4, 3, 1]  # the rounds behind each conditional acceptance below
     assert m["conditional_acceptance"] == pytest.approx([3 / 4, 2 / 3, 1.0])
     empty = summarize_rounds([])
     assert empty["rounds"] == 0 and math.isnan(empty["accept_length"])

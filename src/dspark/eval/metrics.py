@@ -19,16 +19,18 @@ def summarize_rounds(rounds: Iterable[tuple[int, int, int]], max_positions: int 
     rounds = list(rounds)
     if not rounds:
         return {"rounds": 0, "accept_length": float("nan"), "verified_per_round": float("nan"),
-                "acceptance_rate": float("nan"), "prefix_survival": [], "conditional_acceptance": []}
+                "acceptance_rate": float("nan"), "prefix_survival": [], "conditional_acceptance": [],
+                "position_rounds": []}
     width = max_positions if max_positions is not None else max(n for n, _, _ in rounds)
     verified = sum(n for n, _, _ in rounds)
-    survival, conditional = [], []
+    survival, conditional, position_rounds = [], [], []
     for k in range(width):
         survived = sum(1 for n, a, _ in rounds if a > k)
         offered = sum(1 for n, _, _ in rounds if n > k)
         reached = sum(1 for n, a, _ in rounds if a >= k and n > k)
         survival.append(survived / offered if offered else float("nan"))
         conditional.append(survived / reached if reached else float("nan"))
+        position_rounds.append(reached)
     return {
         "rounds": len(rounds),
         "accept_length": sum(c for _, _, c in rounds) / len(rounds),
@@ -36,4 +38,5 @@ def summarize_rounds(rounds: Iterable[tuple[int, int, int]], max_positions: int 
         "acceptance_rate": sum(a for _, a, _ in rounds) / verified if verified else float("nan"),
         "prefix_survival": survival,
         "conditional_acceptance": conditional,
+        "position_rounds": position_rounds,  # rounds that reached each position: the denominators above
     }
