@@ -325,14 +325,20 @@ def write_report(state: dict, out: Path, command: str) -> None:
             cells = [f"{x:.2f}" + (f" ({counts[k]})" if counts else "") for k, x in enumerate(cond)]
             lines.append(f"| {name} | " + " ".join(cells) + " |")
     lines += ["", "## Draft cost, calibration and wall time", "",
+              "Plain tok/s: the target decoding alone in each evaluation (T = 0 / T = 1, mean over benchmarks), the "
+              "baseline of that row's speedups. Where it differs between rows, the machine ran at a different speed and "
+              "the rows' speedups are not strictly comparable; accept lengths do not depend on it.", "",
               "| run | draft round (ms) | / target step | ECE before -> after STS (held-out) | train steps | tokens seen | "
-              "train | calibrate | eval T=0 | eval T=1 | machine |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "train | calibrate | eval T=0 | eval T=1 | plain tok/s | machine |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
         lat, cal, tr = r.get("latency", {}), r.get("calibrate"), r.get("train", {})
         ece = f"{100 * cal['ece_mean_before']:.1f}% -> {100 * cal['ece_mean_after']:.1f}%" if cal else "-"
         seconds = {s: r[s].get("step_seconds", r[s]["seconds"]) for s in ("train", "calibrate", "eval_t0", "eval_t1") if s in r}
         wall = [f"{seconds[s] / 60:.1f} min" if s in seconds else "-" for s in ("train", "calibrate", "eval_t0", "eval_t1")]
         mach = tr.get("machine", {})
+        plain = [statistics.mean(b["plain_tokens_per_second"] for b in r[s]["benchmarks"].values())
+                 for s in ("eval_t0", "eval_t1") if s in r]
+        wall.append(" / ".join(f"{x:.1f}" for x in plain) or "-")
         lines.append(f"| {name} | {lat.get('draft_round_ms', float('nan')):.2f} | {lat.get('draft_round_over_target_step', float('nan')):.2f} "
                      f"| {ece} | {tr.get('steps', '-')} | {tr.get('tokens_seen', '-')} | " + " | ".join(wall)
                      + f" | {mach.get('device', '-')}, torch {mach.get('torch', '-')}, dspark {mach.get('dspark', '-')} |")
