@@ -381,7 +381,8 @@ def write_plots(runs: dict, out: Path) -> list[str]:
                 shown = [(k + 1, x) for k, x in enumerate(cond) if counts[k] >= MIN_ROUNDS]  # not a handful of rounds
                 ax.plot([k for k, _ in shown], [x for _, x in shown], marker="o", label=n)
         ax.set_xlabel("draft position")
-        ax.set_ylabel(f"conditional acceptance (T = 1; positions reached >= {MIN_ROUNDS} times)")
+        ax.set_ylabel("conditional acceptance (T = 1)")
+        ax.set_title(f"positions reached by >= {MIN_ROUNDS} rounds, where recorded", fontsize=9)
         if ax.lines:
             ax.legend()
         fig.tight_layout()
