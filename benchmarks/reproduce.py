@@ -338,9 +338,9 @@ def write_report(state: dict, out: Path, command: str) -> None:
         mach = tr.get("machine", {})
         plain = [statistics.mean(b["plain_tokens_per_second"] for b in r[s]["benchmarks"].values())
                  for s in ("eval_t0", "eval_t1") if s in r]
-        wall.append(" / ".join(f"{x:.1f}" for x in plain) or "-")
+        speed = " / ".join(f"{x:.1f}" for x in plain) or "-"
         lines.append(f"| {name} | {lat.get('draft_round_ms', float('nan')):.2f} | {lat.get('draft_round_over_target_step', float('nan')):.2f} "
-                     f"| {ece} | {tr.get('steps', '-')} | {tr.get('tokens_seen', '-')} | " + " | ".join(wall)
+                     f"| {ece} | {tr.get('steps', '-')} | {tr.get('tokens_seen', '-')} | " + " | ".join([*wall, speed])
                      + f" | {mach.get('device', '-')}, torch {mach.get('torch', '-')}, dspark {mach.get('dspark', '-')} |")
     if files:
         lines += ["", "## Plots", ""] + [f"![{Path(f).stem}]({f})" for f in files]
