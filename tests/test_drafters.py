@@ -284,6 +284,46 @@ def test_ttt_attention_equals_the_dense_causal_and_diagonal_mask(dtype):
         torch.testing.assert_close(fast.double(), dense.double(), **({} if dtype == torch.float64 else {"atol": 2e-2, "rtol": 2e-2}))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_block_local_attention_equals_the_dense_block_mask(dtype):
+    """Teacher-forced blocks' attention without the Q x Q block-to-block scores equals grouped_attention
+    over [context ; block] keys with the dense mask, a dummy block (no context) included."""
+    from dspark.drafters.dspark import BlockLocalMask, block_local_attention
+    from dspark.models.llama import grouped_attention
+
+    gen = torch.Generator().manual_seed(4)
+    seq, blocks, block = 10, 3, 4
+    q_len = blocks * block
+    q = torch.randn(2, 6, q_len, 4, generator=gen, dtype=torch.float64)
+    ctx_k, ctx_v = (torch.randn(2, 2, seq, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(2, 2, q_len, 4, generator=gen, dtype=torch.float64) for _ in range(2))
+    anchors = torch.tensor([[2, 5, 9], [0, 4, 7]]).repeat_interleave(block, dim=1)
+    ctx_visible = torch.arange(seq)[None, None, :] < anchors[..., None]  # [2, Q, S]; batch 1's block 0: none
+    owner = torch.arange(blocks).repeat_interleave(block)
+    own = (owner[:, None] == owner[None, :]).expand(2, -1, -1)
+    dense_mask = torch.cat([ctx_visible, own], dim=-1)[:, None]
+    args = [x.to(dtype) for x in (q, ctx_k, ctx_v, k, v)]
+    dense = grouped_attention(args[0], torch.cat([args[1], args[3]], 2), torch.cat([args[2], args[4]], 2), dense_mask, 0.7)
+    fast = block_local_attention(*args, BlockLocalMask(ctx_visible, block), 0.7)
+    assert fast.dtype == dtype and fast.shape == dense.shape
+    tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(fast.double(), dense.double(), **tol)
+
+
+def test_forward_blocks_factored_mask_equals_the_dense_one(qwen3_target):
+    """Training's teacher-forced blocks give the same hidden states with the factored mask as with the
+    dense [Q, S + Q] one, a dummy block included (test_gemma runs it on Gemma 4's draft layers)."""
+    target = qwen3_target
+    model = make("dspark-vanilla", target, seed=6).model
+    gen = torch.Generator().manual_seed(2)
+    feats = torch.randn(1, 14, target.model.args.hidden_size * len(model.config.target_layer_ids), generator=gen,
+                        dtype=torch.float64)
+    tokens, positions = torch.tensor([[7, 9, 3]]), torch.tensor([[0, 5, 11]])
+    keep = torch.tensor([[False, True, True]])
+    dense = model.forward_blocks(feats, tokens, positions, keep, dense_mask=True)
+    torch.testing.assert_close(model.forward_blocks(feats, tokens, positions, keep), dense, atol=1e-12, rtol=1e-12)
+
+
 # ------------------------------------------------------------------------------------ checkpoints
 @pytest.mark.parametrize("kind", ["dspark-rnn", "dspark-vocab", "dflash", "eagle3"])
 def test_save_then_load_gives_identical_proposals(qwen3_target, tmp_path, kind):

@@ -268,7 +268,8 @@ def test_a_drafter_for_a_gemma4_target_trains_saves_and_loads(gemma_target, tmp_
 
 
 @pytest.mark.parametrize("name", ["test_inference_block_equals_teacher_forced_block",
-                                  "test_eagle3_training_time_test_matches_inference_chain"])
+                                  "test_eagle3_training_time_test_matches_inference_chain",
+                                  "test_forward_blocks_factored_mask_equals_the_dense_one"])
 def test_training_and_inference_paths_of_gemma_draft_layers_agree(gemma_target, name):
     """DeepSpec's Gemma 4 draft layers (DSpark and Eagle3): the teacher-forced training forward and
     the cached inference round give the same drafts."""

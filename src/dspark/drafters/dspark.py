@@ -26,8 +26,8 @@ from dspark.drafters.heads import HEAD_TYPES, ConfidenceHead, build_sequential_h
 from dspark.errors import DSparkError
 from dspark.models.kv_cache import KVCache, build_kv_cache, write_rows
 from dspark.models.gemma import GemmaArgs, GemmaDecoderLayer, GemmaLayerArgs, GemmaRMSNorm, softcap
-from dspark.models.llama import (DecoderLayer, ModelArgs, RMSNorm, apply_rope, attention_width, grouped_attention,
-                                 rope_tables)
+from dspark.models.llama import (DecoderLayer, ModelArgs, RMSNorm, apply_rope, attention_precision, attention_width,
+                                 grouped_attention, rope_tables)
 from dspark.sampling import logits_to_probs, sample_rows
 
 
@@ -125,6 +125,50 @@ def config_fields_from_json(raw: dict) -> dict:
     return raw
 
 
+@dataclass(frozen=True)
+class BlockLocalMask:
+    """The teacher-forced blocks' mask in factored form: query q sees the context positions where
+    ctx_visible [B, Q, S] is True and the keys of its own block of `block_size` (queries and block
+    keys are laid out block after block); blocks never see each other."""
+
+    ctx_visible: torch.Tensor
+    block_size: int
+
+
+def block_local_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, mask: BlockLocalMask, scale: float | None = None) -> torch.Tensor:
+    """q [B, H, Q, D]; context keys/values [B, Hkv, S, D]; block keys/values [B, Hkv, Q, D] -> [B, H, Q, D].
+
+    The same as grouped_attention over [context ; block] keys with the dense [B, 1, Q, S + Q] mask,
+    without its Q x Q block-to-block scores (all masked but each block's own K x K): those grow with
+    the square of anchors x block size (block 12 with 64 anchors: 768 x 768 per head and layer)."""
+    bsz, heads, q_len, dim = q.shape
+    kv_heads, seq = ctx_k.shape[1], ctx_k.shape[2]
+    group, block = heads // kv_heads, mask.block_size
+    blocks = q_len // block
+    scale = dim**-0.5 if scale is None else scale
+    compute, acc = attention_precision(q)  # grouped_attention's: products, then softmax and sums
+    qg = q.reshape(bsz, kv_heads, group * q_len, dim).to(compute)
+    ctx_scores = torch.matmul(qg, ctx_k.to(compute).transpose(-1, -2)).to(acc).view(bsz, kv_heads, group, q_len, seq)
+    ctx_scores = (ctx_scores * scale).masked_fill(~mask.ctx_visible[:, None, None], float("-inf"))
+    qb = q.reshape(bsz, kv_heads, group, blocks, block, dim).to(compute)
+    kb = k.reshape(bsz, kv_heads, 1, blocks, block, dim).to(compute)
+    own_scores = torch.matmul(qb, kb.transpose(-1, -2)).to(acc).view(bsz, kv_heads, group, q_len, block) * scale
+    probs = torch.softmax(torch.cat([ctx_scores, own_scores], dim=-1), dim=-1)
+    out = torch.matmul(probs[..., :seq].reshape(bsz, kv_heads, group * q_len, seq).to(compute), ctx_v.to(compute))
+    own = probs[..., seq:].reshape(bsz, kv_heads, group, blocks, block, block).to(compute)
+    out_own = torch.matmul(own, v.reshape(bsz, kv_heads, 1, blocks, block, dim).to(compute))
+    out = out.to(acc).view(bsz, kv_heads, group, q_len, dim) + out_own.to(acc).view(bsz, kv_heads, group, q_len, dim)
+    return out.to(q.dtype).reshape(bsz, heads, q_len, dim)
+
+
+def draft_attention(q, ctx_k, ctx_v, k, v, mask: "torch.Tensor | BlockLocalMask", scale: float | None = None):
+    """A draft layer's attention over [context ; block] keys: mask dense [B, 1, Q, S + Q] or factored."""
+    if isinstance(mask, BlockLocalMask):
+        return block_local_attention(q, ctx_k, ctx_v, k, v, mask, scale)
+    return grouped_attention(q, torch.cat([ctx_k, k], dim=2), torch.cat([ctx_v, v], dim=2), mask, scale)
+
+
 class DraftLayer(DecoderLayer):
     """The target family's decoder layer (same modules and names: norms, GQA, RoPE, Qwen3 q/k norm),
     run with KV injection instead of a causal cache."""
@@ -140,7 +184,8 @@ class DraftLayer(DecoderLayer):
         return apply_rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
 
     def forward(self, h, cos, sin, ctx_k, ctx_v, mask):
-        """h [B, Q, H] block stream; cos/sin [B, 1, Q, D]; ctx_k/v [B, Hkv, T, D]; mask [B, 1, Q, T + Q]."""
+        """h [B, Q, H] block stream; cos/sin [B, 1, Q, D]; ctx_k/v [B, Hkv, T, D]; mask [B, 1, Q, T + Q]
+        or a BlockLocalMask."""
         attn = self.self_attn
         bsz, q_len, _ = h.shape
         h_in = self.input_layernorm(h)
@@ -151,9 +196,7 @@ class DraftLayer(DecoderLayer):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
-        keys = torch.cat([ctx_k, k], dim=2)
-        values = torch.cat([ctx_v, v.transpose(1, 2)], dim=2)
-        out = grouped_attention(q, keys, values, mask)
+        out = draft_attention(q, ctx_k, ctx_v, k, v.transpose(1, 2), mask)
         h = h + attn.o_proj(out.transpose(1, 2).reshape(bsz, q_len, attn.num_heads * attn.head_dim))
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -186,7 +229,7 @@ class GemmaDraftLayer(GemmaDecoderLayer):
         q = attn.q_norm(attn.q_proj(h_in).view(bsz, q_len, attn.num_heads, attn.head_dim))
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k, v = self._kv(h_in, cos, sin)
-        out = grouped_attention(q, torch.cat([ctx_k, k], dim=2), torch.cat([ctx_v, v], dim=2), mask, scale=1.0)
+        out = draft_attention(q, ctx_k, ctx_v, k, v, mask, scale=1.0)
         h = h + self.post_attention_layernorm(attn.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1)))
         h = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
         return h * self.layer_scalar
@@ -264,13 +307,15 @@ class DSparkModel(TargetSharingModel):
 
     def forward_blocks(
         self, features: torch.Tensor, anchor_tokens: torch.Tensor, anchor_positions: torch.Tensor,
-        keep: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None, dense_mask: bool = False,
     ) -> torch.Tensor:
         """Teacher-forced blocks over a whole sequence (training and tests).
 
         features [B, S, L*H]; anchor_tokens/anchor_positions [B, N]; keep [B, N] (False: a dummy
         block, which sees only itself). Returns normed block hidden states [B, N, K, H].
         Mask: block n sees context positions < anchor_n and its own block; blocks never see each other.
+        It is applied in factored form (BlockLocalMask); dense_mask builds the whole [Q, S + Q] mask
+        instead, the reference that form is tested and benchmarked against.
         """
         bsz, seq = features.shape[:2]
         n_blocks, k_len = anchor_tokens.shape[1], self.config.block_size
@@ -280,11 +325,12 @@ class DSparkModel(TargetSharingModel):
         ctx_cos, ctx_sin = self.rope(torch.arange(seq).expand(bsz, seq), dtype)
         positions = (anchor_positions[..., None] + torch.arange(k_len)).reshape(bsz, n_blocks * k_len)
         cos, sin = self.rope(positions, dtype)
-        block_of_query = torch.arange(n_blocks).repeat_interleave(k_len)  # [Q]
         ctx_visible = torch.arange(seq)[None, None, :] < anchor_positions.repeat_interleave(k_len, dim=1)[..., None]
-        ctx_visible = ctx_visible & keep.repeat_interleave(k_len, dim=1)[..., None]
-        own_block = (block_of_query[:, None] == block_of_query[None, :]).expand(bsz, -1, -1)
-        mask = torch.cat([ctx_visible, own_block], dim=-1)[:, None]  # [B, 1, Q, S + Q]
+        mask = BlockLocalMask(ctx_visible & keep.repeat_interleave(k_len, dim=1)[..., None], k_len)  # [B, Q, S]
+        if dense_mask:
+            owner = torch.arange(n_blocks).repeat_interleave(k_len)
+            own_block = (owner[:, None] == owner[None, :]).expand(bsz, -1, -1)
+            mask = torch.cat([mask.ctx_visible, own_block], dim=-1)[:, None]  # [B, 1, Q, S + Q]
         h = self.embed(self.block_inputs(anchor_tokens).reshape(bsz, -1)).to(dtype)
         for layer in self.layers:
             ctx_k, ctx_v = layer.context_kv(ctx, ctx_cos, ctx_sin)
