@@ -2,7 +2,8 @@
 
   (a) the target's forward over n = 1, 2, 4, 8 new tokens (after a 300-token context), bf16 and
       fp32, as multiples of a one-token bf16 step: verifying a block of K = 7 drafts costs t(8);
-  (b) one draft round of the builtin DSpark drafter (7 tokens), as a multiple of that step;
+  (b) one draft round of the builtin DSpark drafter (7 tokens), as a multiple of that step, and a
+      512-token prefill in bf16 and fp32 (what `--dtype auto` chooses between for compute-bound jobs);
   (c) tokens/s on GSM8K prompts (128 new tokens, chat template) of plain decoding (`none`) and of
       the builtin drafter and `ngram` under `fixed` (verify all 7) and `auto` (the scheduler on this
       machine's cost table, profiled here first), interleaved prompt by prompt, as ratios to plain.
@@ -35,6 +36,7 @@ from dspark.text import encode_prompt
 
 BLOCK = 7  # bench_drafters' draft round proposes 7 tokens
 REPEATS = 10
+PREFILL = 512  # prompt tokens of the prefill timing
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "gsm8k.jsonl"
 
 
@@ -48,6 +50,15 @@ def forward_ms(target, n: int, layers) -> float:
     ids, pos = torch.randint(0, 1000, (1, n)), (CONTEXT + torch.arange(n))[None]
     return median_ms(lambda: model(ids, pos, torch.tensor([0]), cache, num_new=torch.tensor([n]),
                                    hidden_layers=layers), REPEATS)
+
+
+@torch.inference_mode()
+def prefill_ms(target, n: int) -> float:
+    """The target's forward over an n-token prompt from an empty cache (a prefill: the work of a
+    feature cache, and most of a batched regeneration's)."""
+    cache = target.build_cache(1, n + 16, 16)
+    ids, pos = torch.randint(0, 1000, (1, n)), torch.arange(n)[None]
+    return median_ms(lambda: target.model(ids, pos, torch.tensor([0]), cache), 3)
 
 
 def prompts(limit: int, tokenizer) -> list[list[int]]:
@@ -72,6 +83,7 @@ def main() -> None:
     step = forward_ms(target, 1, layers)
     forwards = {dtype: {n: forward_ms(t, n, layers) / step for n in (1, 2, 4, 8)}
                 for dtype, t in (("bf16", target), ("fp32", target32))}
+    prefill = {"bf16": prefill_ms(target, PREFILL), "fp32": prefill_ms(target32, PREFILL)}
     del target32
     draft = draft_round_ms(target, builtin, REPEATS) / step
 
@@ -102,6 +114,7 @@ def main() -> None:
                   "native_bf16_matmul": native_bf16_matmul(torch.device("cpu"))},
         "one_token_step_ms": step,
         "forward_vs_one_token_bf16_step": forwards,
+        f"prefill_{PREFILL}_ms": prefill, "prefill_bf16_over_fp32": prefill["bf16"] / prefill["fp32"],
         "draft_round_vs_step": draft,
         "tokens_per_second": tps,
         "speedup_vs_plain": {name: v / tps["none/none"] for name, v in tps.items()},
@@ -115,7 +128,9 @@ def main() -> None:
              f"{setup['threads']} threads; one-token bf16 step {step:.1f} ms", "",
              "| forward over n tokens / one-token bf16 step | n=1 | n=2 | n=4 | n=8 |", "|---|---|---|---|---|"]
     lines += [f"| {dtype} | " + " | ".join(f"{v:.2f}x" for v in row.values()) + " |" for dtype, row in forwards.items()]
-    lines += ["", f"builtin DSpark draft round (7 tokens) / one-token step: {draft:.2f}x", "",
+    lines += ["", f"prefill over {PREFILL} tokens: bf16 {prefill['bf16']:.0f} ms, fp32 {prefill['fp32']:.0f} ms "
+              f"(bf16 / fp32 {prefill['bf16'] / prefill['fp32']:.2f}x)",
+              "", f"builtin DSpark draft round (7 tokens) / one-token step: {draft:.2f}x", "",
               "| drafter / policy | tokens/s | vs plain | tokens per round |", "|---|---|---|---|"]
     lines += [f"| {name} | {tps[name]:.1f} | {result['speedup_vs_plain'][name]:.2f}x | "
               f"{result['tokens_per_round'][name]:.2f} |" for name in runs]

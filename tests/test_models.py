@@ -185,3 +185,28 @@ def test_rounded_key_counts_leave_decoding_unchanged(tiny_dirs, family, monkeypa
     steps.append(forward(model, ids[13:21], cache, start=13).logits[0])  # an 8-token verify step
     full = forward(model, ids, new_cache(model)).logits[0]
     torch.testing.assert_close(torch.cat([torch.stack(steps[:8]), steps[8]]), full[5:], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_dtype_auto_is_bf16_only_where_the_cpu_has_bf16_units(monkeypatch, caplog, tiny_dirs, native):
+    """--dtype auto (the compute-bound commands' default): bf16 on CPUs with AVX512-BF16 or AMX, fp32
+    elsewhere, with a notice; explicit dtypes are kept; the CLI's defaults follow."""
+    import logging
+
+    from dspark.cli import build_parser
+    from dspark.config import resolve_dtype
+    from dspark.models.target import load_model
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native)
+    assert resolve_dtype("auto") == ("bf16" if native else "fp32")
+    assert (resolve_dtype("bf16"), resolve_dtype("fp32")) == ("bf16", "fp32")
+    with caplog.at_level(logging.WARNING):
+        target = load_model(str(tiny_dirs["llama"]), "auto", with_tokenizer=False)
+    assert next(target.model.parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+    assert ("no bf16 matmul units" in caplog.text) == (not native)
+    parser = build_parser()
+    for argv in (["data", "cache", "--data", "d", "--out", "o"], ["data", "regenerate", "--prompts", "p", "--out", "o"],
+                 ["train", "--preset", "tiny", "--data", "d", "--out", "o"], ["distill", "--prompts", "p", "--out", "o"]):
+        assert parser.parse_args(argv).dtype == "auto", argv
+    assert parser.parse_args(["generate", "--prompt", "x"]).dtype == "bf16"  # decoding is memory-bound: bf16

@@ -72,10 +72,33 @@ class EngineConfig:
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp64": "float64", "fp16": "float16"}
 
 
-def torch_dtype(name: str):
-    """'bf16' | 'fp32' | 'fp64' | 'fp16' -> torch dtype, with a clear error otherwise."""
+def bf16_is_native(device_type: str = "cpu") -> bool:
+    """Whether bf16 matrix products run on native units: a CUDA device with bf16, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere they are emulated, several times slower than fp32 once more than
+    a few rows are multiplied (docs/benchmarks.md, "Hardware: fixed and auto verification")."""
     import torch
 
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_dtype(name: str) -> str:
+    """'auto' -> 'bf16' where the CPU (targets load there) has native bf16 products, else 'fp32':
+    twice the memory, but a compute-bound job (a prefill, a batched regeneration, a feature cache)
+    runs several times faster. Any other name is returned as it is."""
+    if name == "auto":
+        return "bf16" if bf16_is_native("cpu") else "fp32"
+    return name
+
+
+def torch_dtype(name: str):
+    """'auto' | 'bf16' | 'fp32' | 'fp64' | 'fp16' -> torch dtype, with a clear error otherwise."""
+    import torch
+
+    name = resolve_dtype(name)
     if name not in DTYPES:
-        raise DSparkError(f"dtype {name!r} is not one of {sorted(DTYPES)}")
+        raise DSparkError(f"dtype {name!r} is not one of {sorted(['auto', *DTYPES])}")
     return getattr(torch, DTYPES[name])

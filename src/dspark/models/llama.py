@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dspark.config import bf16_is_native
 from dspark.errors import DSparkError
 from dspark.models.kv_cache import KVCache, build_kv_cache, real_token_index
 
@@ -201,11 +202,7 @@ def attention_width(num_keys: int, capacity: int, dtype: torch.dtype, device: to
 def native_bf16_matmul(device: torch.device) -> bool:
     """Whether bf16 matrix products run on native units here (CUDA, or CPUs with AVX512-BF16 or
     AMX); on other CPUs they are emulated and slower than fp32."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return bf16_is_native(device.type)
 
 
 class Attention(nn.Module):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dspark.config import torch_dtype
+from dspark.config import resolve_dtype, torch_dtype
 from dspark.models.kv_cache import KVCache
 from dspark.models.llama import Transformer
 from dspark.models.loading import load_hf_config, load_native_model, no_native_decoder, resolve_model_dir, weights_fingerprint
@@ -83,6 +83,9 @@ def load_model(spec: str, dtype: str = "bf16", with_tokenizer: bool = True) -> L
     Architectures with a native decoder (Llama family, Gemma 4) get it; any other causal LM runs through
     transformers (slower), with a one-line notice. `transformers:SPEC` asks for transformers
     explicitly (e.g. to compare both, or to sidestep a native-decoder problem)."""
+    if dtype == "auto" and resolve_dtype(dtype) == "fp32":
+        log.warning("%s: --dtype auto runs it in fp32: this CPU has no bf16 matmul units, where bf16 products run "
+                    "several times slower (--dtype bf16 halves the memory instead)", spec)
     forced = spec.startswith(TRANSFORMERS_PREFIX)
     model_dir = resolve_model_dir(spec.removeprefix(TRANSFORMERS_PREFIX) if forced else spec)
     reason = no_native_decoder(load_hf_config(model_dir))

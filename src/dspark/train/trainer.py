@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dspark.config import bf16_is_native
 from dspark.data.regenerate import read_answers
 from dspark.data.tokenize import tokenize_conversation
 from dspark.drafters.checkpoint import build_dspark_model, load_drafter_model, new_dspark_config, save_drafter
@@ -220,9 +221,7 @@ def build_drafter(target: LoadedModel, cfg: TrainConfig):
 
 def autocast_enabled(mode: str) -> bool:
     if mode == "auto":
-        if torch.cuda.is_available():
-            return torch.cuda.is_bf16_supported()
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return bf16_is_native("cuda" if torch.cuda.is_available() else "cpu")
     return mode == "bf16"
 
 
