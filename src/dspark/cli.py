@@ -12,6 +12,8 @@ from dspark.errors import DSparkError
 
 # --dtype of the compute-bound commands (regeneration, feature cache, training); auto: see config.resolve_dtype
 DTYPE_CHOICES = ("auto", "bf16", "fp32")
+AUTO_DTYPE_HELP = ("dtype of the target; auto (default): bf16 where the CPU has bf16 matmul units, else fp32 "
+                   "(several times faster for this compute-bound job, twice the memory)")
 
 
 def _positive_int(text: str) -> int:
@@ -294,7 +296,7 @@ def add_data_parser(sub) -> None:
     regen.add_argument("--seed", type=int, default=0)
     regen.add_argument("--drafter", default="none", choices=["none", "ngram"],
                        help="local engine: plain decoding (fastest at batch 16 here) or n-gram speculation")
-    regen.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="dtype of the target; auto (default): bf16 where the hardware has bf16 matmul units, else fp32 (several times faster for this compute-bound job, twice the memory)")
+    regen.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=AUTO_DTYPE_HELP)
     regen.set_defaults(func=run_regenerate)
     cache = dsub.add_parser("cache", help="write the target's features of regenerated answers once (resumable)")
     cache.add_argument("--target", default="smollm2-135m")
@@ -304,7 +306,7 @@ def add_data_parser(sub) -> None:
     cache.add_argument("--cache-dtype", default="bf16", choices=["bf16", "fp16", "fp32", "fp8"],
                        help="feature dtype; fp8 is the compact form (half the bytes, lossy)")
     cache.add_argument("--max-length", type=_positive_int, default=1536, help="tokens per conversation (the preset's max_length)")
-    cache.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="dtype of the target; auto (default): bf16 where the hardware has bf16 matmul units, else fp32 (several times faster for this compute-bound job, twice the memory)")
+    cache.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=AUTO_DTYPE_HELP)
     cache.set_defaults(func=run_cache)
 
 
@@ -376,7 +378,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting (e.g. max_steps=100, lr=1e-3) or a drafter setting (drafter.markov_rank=32)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="dtype of the frozen target; auto (default): bf16 where the hardware has bf16 matmul units, else fp32")
+                   help="dtype of the frozen target; auto (default): bf16 where the CPU has bf16 matmul units, else fp32")
     p.add_argument("--eval-prompts", nargs="*", default=[],
                    help="held-out prompt files: at every checkpoint, measure the real accept length on them")
     p.add_argument("--eval-limit", type=_positive_int, default=8, help="how many held-out prompts")
@@ -438,7 +440,7 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--eval-limit", type=_positive_int, default=8, help="prompts per benchmark")
     p.add_argument("--eval-max-new-tokens", type=_positive_int, default=128)
     p.add_argument("--eval-temperature", type=float, default=0.0)
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="dtype of the target; auto (default): bf16 where the hardware has bf16 matmul units, else fp32 (several times faster for this compute-bound job, twice the memory)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=AUTO_DTYPE_HELP)
     p.set_defaults(func=run_distill)
 
 
