@@ -83,6 +83,18 @@ def machine() -> dict:
             "torch": torch.__version__, "dspark": dspark.__version__}
 
 
+def measured_elsewhere(runs: dict, device: str) -> dict[str, str]:
+    """Runs evaluated on another kind of machine than `device` (the thread count aside) -> that
+    machine: their accept lengths compare with a new run's, their speedups and wall times do not."""
+    kind = lambda name: name.rsplit(" (", 1)[0]  # noqa: E731  (device_name ends with "(N threads)")
+    other = {}
+    for name, run in runs.items():
+        elsewhere = {kind(run[s]["machine"]["device"]) for s in ("eval_t0", "eval_t1") if s in run} - {kind(device)}
+        if elsewhere:
+            other[name] = ", ".join(sorted(elsewhere))
+    return other
+
+
 def macro(per_benchmark: dict, key: str = "accept_length") -> float:
     values = [v[key] for v in per_benchmark.values()]
     return statistics.fmean(values) if values else float("nan")
@@ -428,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
     command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
     repro = Reproduction(args, command)
+    here = machine()["device"]
+    for name, there in measured_elsewhere({n: r for n, r in repro.state["runs"].items() if n not in (args.only or RUNS)},
+                                          here).items():
+        print(f"note: {name} was evaluated on {there}, this machine is {here}: accept lengths compare, "
+              "speedups and wall times do not", flush=True)
     for name in args.only or list(RUNS):
         complete = repro.run(name, deadline)
         write_report(repro.state, Path(args.out), command)  # after every run: a partial report is kept

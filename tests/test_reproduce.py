@@ -125,3 +125,13 @@ def test_a_new_work_folder_keeps_the_reported_runs(reproduce, setup):
     assert report["runs"]["dspark-1l"]["command"].endswith("--only dflash-b4 dspark-1l")
     made = (tmp_path / "out" / "report.md").read_text().split("Settings:")[0]
     assert "--only dflash-b4    # dflash-b4" in made and "--only dflash-b4 dspark-1l    # dspark-1l" in made
+
+
+def test_runs_evaluated_on_another_kind_of_machine_are_named(reproduce):
+    def run(*devices):
+        return {f"eval_t{i}": {"machine": {"device": d}} for i, d in enumerate(devices)}
+
+    amx, avx2 = "cpu:x86_64 AVX512 bf16-units (2 threads)", "cpu:x86_64 AVX2 (2 threads)"
+    runs = {"a": run(amx, amx), "b": run(avx2.replace("2 threads", "4 threads")), "c": {}, "d": run(avx2, amx)}
+    assert reproduce.measured_elsewhere(runs, avx2) == {"a": "cpu:x86_64 AVX512 bf16-units", "d": "cpu:x86_64 AVX512 bf16-units"}
+    assert reproduce.measured_elsewhere(runs, amx) == {"b": "cpu:x86_64 AVX2", "d": "cpu:x86_64 AVX2"}
