@@ -377,8 +377,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--out", required=True, help="run folder: step_N/ drafter folders, latest, train_log.jsonl")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a training setting (e.g. max_steps=100, lr=1e-3) or a drafter setting (drafter.markov_rank=32)")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="dtype of the frozen target; auto (default): bf16 where the CPU has bf16 matmul units, else fp32")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=AUTO_DTYPE_HELP)
     p.add_argument("--eval-prompts", nargs="*", default=[],
                    help="held-out prompt files: at every checkpoint, measure the real accept length on them")
     p.add_argument("--eval-limit", type=_positive_int, default=8, help="how many held-out prompts")

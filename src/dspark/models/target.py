@@ -83,7 +83,8 @@ def load_model(spec: str, dtype: str = "bf16", with_tokenizer: bool = True) -> L
     Architectures with a native decoder (Llama family, Gemma 4) get it; any other causal LM runs through
     transformers (slower), with a one-line notice. `transformers:SPEC` asks for transformers
     explicitly (e.g. to compare both, or to sidestep a native-decoder problem)."""
-    if dtype == "auto" and resolve_dtype(dtype) == "fp32":
+    resolved = resolve_dtype(dtype)
+    if dtype == "auto" and resolved == "fp32":
         log.warning("%s: --dtype auto runs it in fp32: this CPU has no bf16 matmul units, where bf16 products run "
                     "several times slower (--dtype bf16 halves the memory instead)", spec)
     forced = spec.startswith(TRANSFORMERS_PREFIX)
@@ -94,10 +95,10 @@ def load_model(spec: str, dtype: str = "bf16", with_tokenizer: bool = True) -> L
 
         if not forced:
             log.warning("%s: %s; running it through transformers, slower", spec, reason)
-        model = load_hf_causal_lm(model_dir, torch_dtype(dtype))
+        model = load_hf_causal_lm(model_dir, torch_dtype(resolved))
         hf_config = model.hf.config
     else:
-        model, hf_config = load_native_model(model_dir, torch_dtype(dtype))
+        model, hf_config = load_native_model(model_dir, torch_dtype(resolved))
     tokenizer = None
     if with_tokenizer:
         from transformers import AutoTokenizer
