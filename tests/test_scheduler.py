@@ -18,7 +18,7 @@ from dspark.drafters.base import DraftRequest, Proposal
 from dspark.drafters.draft_model import DraftModelDrafter
 from dspark.drafters.simple import NgramDrafter
 from dspark.engine.engine import Engine, Request, verify_all
-from dspark.engine.profile import convex_times, even_rows, profile_target
+from dspark.engine.profile import convex_times, device_name, even_rows, profile_target
 from dspark.engine.scheduler import (
     AsyncScheduledPolicy, CostTable, DraftGate, EstimatedPolicy, NonePolicy, OnlineAcceptance, ScheduledPolicy,
     async_budget, build_policy, fixed_lengths, level_lengths, scheduled_lengths, threshold_lengths, top_k_lengths,
@@ -832,6 +832,13 @@ def test_scheduled_policy_plans_no_drafts_while_its_gate_is_closed():
 
 
 # ------------------------------------------------------------------------------- cost tables
+def test_device_name_names_a_gpu_by_its_model(monkeypatch):
+    # Cost tables and reports key on this name; the GPU path runs here without a GPU.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert device_name(torch.device("cuda")) == "cuda:NVIDIA H200"
+    assert device_name(torch.device("cpu")).startswith("cpu:")
+
+
 def test_cost_table_interpolates_time_per_step():
     cost = table({2: 10.0, 4: 5.0})  # 0.1 s at B=2, 0.2 s at B=4
     assert cost.sps_at(1) == 10.0 and cost.sps_at(2) == 10.0 and cost.sps_at(4) == 5.0

@@ -112,7 +112,7 @@ def _seconds(fn: Callable[[], object], repeats: int, warmup: int, device: torch.
 def device_name(device: torch.device) -> str:
     """The device as cost tables and reports name it: GPU model, or CPU with its vector and bf16 units."""
     if device.type == "cuda":
-        return f"cuda:{torch.cuda.getdevice_name(device)}"
+        return f"cuda:{torch.cuda.get_device_name(device)}"
     # The vector unit and bf16 matrix units change what a block costs several-fold (AVX2 CPUs
     # emulate bf16 products), and platform.processor() is often empty on Linux: name them.
     units = torch.backends.cpu.get_cpu_capability() + (" bf16-units" if native_bf16_matmul(device) else "")
