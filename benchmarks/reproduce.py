@@ -77,8 +77,8 @@ def run_config(base: TrainConfig, arch: str, drafter: dict, steps: int) -> Train
     return replace(cfg, max_steps=steps, save_every=min(base.save_every, steps))
 
 
-def machine() -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def machine(device: torch.device) -> dict:
+    """The device the target computes on (a GPU in the host changes nothing when it is the CPU)."""
     return {"device": device_name(device), "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "dspark": dspark.__version__}
 
@@ -176,7 +176,7 @@ class Reproduction:
         result = fn()
         if result is None:  # not finished (a time budget); the rerun continues it
             return None
-        record[stage] = {**result, "seconds": round(time.time() - start, 1), "machine": machine(),
+        record[stage] = {**result, "seconds": round(time.time() - start, 1), "machine": machine(self.target.model.device),
                          "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.save()
         return record[stage]
@@ -199,7 +199,8 @@ class Reproduction:
             log = [json.loads(line) for line in (run_dir / "train" / "train_log.jsonl").read_text().splitlines()]
             step_s = sum(m.get("seconds", 0.0) for m in log)  # every invocation's steps (a resumed run too)
             return {"drafter": str(final), "steps": trainer.step, "tokens_seen": trainer.tokens_seen,
-                    "step_seconds": round(step_s, 1)}
+                    "step_seconds": round(step_s, 1),
+                    "products": "bf16" if trainer.autocast else "fp32"}  # cfg.autocast on this machine
 
         trained = self.stage(name, "train", train)
         if trained is None:
@@ -348,12 +349,13 @@ def write_report(state: dict, out: Path, command: str) -> None:
         seconds = {s: r[s].get("step_seconds", r[s]["seconds"]) for s in ("train", "calibrate", "eval_t0", "eval_t1") if s in r}
         wall = [f"{seconds[s] / 60:.1f} min" if s in seconds else "-" for s in ("train", "calibrate", "eval_t0", "eval_t1")]
         mach = tr.get("machine", {})
+        products = f", {tr['products']} training products" if "products" in tr else ""
         plain = [statistics.mean(b["plain_tokens_per_second"] for b in r[s]["benchmarks"].values())
                  for s in ("eval_t0", "eval_t1") if s in r]
         speed = " / ".join(f"{x:.1f}" for x in plain) or "-"
         lines.append(f"| {name} | {lat.get('draft_round_ms', float('nan')):.2f} | {lat.get('draft_round_over_target_step', float('nan')):.2f} "
                      f"| {ece} | {tr.get('steps', '-')} | {tr.get('tokens_seen', '-')} | " + " | ".join([*wall, speed])
-                     + f" | {mach.get('device', '-')}, torch {mach.get('torch', '-')}, dspark {mach.get('dspark', '-')} |")
+                     + f" | {mach.get('device', '-')}{products}, torch {mach.get('torch', '-')}, dspark {mach.get('dspark', '-')} |")
     if files:
         lines += ["", "## Plots", ""] + [f"![{Path(f).stem}]({f})" for f in files]
     (out / "report.md").write_text("\n".join(lines) + "\n")
@@ -440,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
     command = "python benchmarks/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv)
     repro = Reproduction(args, command)
-    here = machine()["device"]
+    here = machine(repro.target.model.device)["device"]
     for name, there in measured_elsewhere({n: r for n, r in repro.state["runs"].items() if n not in (args.only or RUNS)},
                                           here).items():
         print(f"note: {name} was evaluated on {there}, this machine is {here}: accept lengths compare, "

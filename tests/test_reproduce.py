@@ -60,12 +60,14 @@ def test_every_run_trains_equally_is_evaluated_and_reported(reproduce, setup):
             assert len(ev["conditional_acceptance"]) == len(ev["conditional_rounds"]) == block
             assert ev["conditional_rounds"][0] > 0 and ev["conditional_rounds"] == sorted(ev["conditional_rounds"], reverse=True)
         assert run["latency"]["draft_round_ms"] > 0
+        assert run["train"]["products"] == "fp32"  # the tiny preset trains without autocast
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Table 1, T = 1: macro tau DSpark / DFlash" in report and "Table 1, T = 0: macro tau DSpark / Eagle3" in report
     assert "Fig. 4" in report and "not run yet" not in report.split("RNN head")[0]
     for name, run in state["runs"].items():  # each row names the plain speed behind its speedups
         plain = " / ".join(f"{run[f'eval_t{t}']['benchmarks']['bench']['plain_tokens_per_second']:.1f}" for t in ("0", "1"))
-        assert f"| {plain} |" in next(line for line in report.splitlines() if line.startswith(f"| {name} |") and " min |" in line)
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |") and " min |" in line)
+        assert f"| {plain} |" in row and ", fp32 training products, torch" in row
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {c["holds"] for c in results["claims"]} <= {True, False, None}
     assert (tmp_path / "out" / "tau_macro.png").is_file()

@@ -23,7 +23,7 @@ from dspark.errors import DSparkError
 from dspark.models.target import load_model, reference_greedy
 from dspark.train.anchors import sample_blocks
 from dspark.train.losses import LossWeights, dspark_loss, expected_accept_length, position_weights
-from dspark.train.trainer import Trainer, apply_overrides, get_preset, preset_tiny
+from dspark.train.trainer import Trainer, apply_overrides, autocast_enabled, get_preset, init_distributed, preset_tiny
 from tests.conftest import SHARED_DATA
 
 GREEDY = RegenerateConfig(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=40, batch_size=2)
@@ -639,6 +639,31 @@ def test_bf16_autocast_trains_close_to_fp32(target, greedy_data, tmp_path):
         tiny_config("autocast=fp16")
     with pytest.raises(DSparkError, match="max_steps='many' is not a valid int"):
         tiny_config("max_steps=many")
+
+
+@pytest.fixture
+def gpu_host_with_an_avx2_cpu(monkeypatch):
+    """A host whose GPU has bf16 and whose CPU has no bf16 units (the trainer computes on the CPU)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+
+def test_autocast_auto_asks_the_device_the_drafter_computes_on(gpu_host_with_an_avx2_cpu):
+    assert not autocast_enabled("auto", "cpu") and not autocast_enabled("auto", torch.device("cpu"))
+    assert autocast_enabled("auto", "cuda")
+    assert autocast_enabled("bf16", "cpu") and not autocast_enabled("off", "cuda")
+
+
+def test_data_parallel_training_joins_over_gloo_on_a_gpu_host(gpu_host_with_an_avx2_cpu, monkeypatch):
+    # Gradients and losses are CPU tensors, which NCCL does not take.
+    backends = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: backends.append(backend))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_distributed() is False and backends == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert init_distributed() is True and backends == ["gloo"]
 
 
 def test_tensorboard_event_files_are_written(target, greedy_data, tmp_path):

@@ -219,9 +219,10 @@ def build_drafter(target: LoadedModel, cfg: TrainConfig):
     return build_dspark_model(config, target, seed=cfg.seed)
 
 
-def autocast_enabled(mode: str) -> bool:
+def autocast_enabled(mode: str, device: torch.device | str) -> bool:
+    """mode "auto": bf16 where `device`, the one the drafter computes on, has bf16 matmul units."""
     if mode == "auto":
-        return bf16_is_native("cuda" if torch.cuda.is_available() else "cpu")
+        return bf16_is_native(torch.device(device).type)
     return mode == "bf16"
 
 
@@ -336,7 +337,7 @@ class Trainer:
                  eval_prompt_ids: list[list[int]] | None = None, tensorboard_dir: str | Path | None = None):
         self.eval_prompt_ids = eval_prompt_ids or []
         self.tensorboard_dir = tensorboard_dir
-        self.autocast = autocast_enabled(cfg.autocast)
+        self.autocast = autocast_enabled(cfg.autocast, target.model.device)
         # Vocabulary-sized loss products follow autocast (bf16 units make them ~4x faster); fp32 otherwise.
         self.matmul_dtype = torch.bfloat16 if self.autocast else torch.float32
         self.target, self.cfg = target, cfg
@@ -640,12 +641,13 @@ def _barrier(world: int) -> None:
 
 
 def init_distributed() -> bool:
-    """Join the process group torchrun describes (gloo on CPUs, NCCL on GPUs); False when run alone."""
+    """Join the process group torchrun describes; False when run alone. gloo, also on a host with
+    GPUs: the trainer computes and reduces on the CPU, and NCCL takes only CUDA tensors."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("gloo")
     return True
 
 
